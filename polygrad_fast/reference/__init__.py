@@ -1,0 +1,1 @@
+"""Pure-torch / numpy reference implementations that every fast path is checked against."""
