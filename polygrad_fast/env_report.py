@@ -1,0 +1,62 @@
+"""Print what this installation of polygrad_fast runs on: ``python -m polygrad_fast.env_report``.
+
+Versions of Python and the key packages, the native extension's build info, the CPU/GPU features that
+choose the fast paths, and which backend each component will use.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import sys
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed (no __version__)")
+    except Exception as exc:  # an optional dependency may be missing or broken: report, don't crash
+        return f"not available ({type(exc).__name__}: {exc})"
+
+
+def collect() -> dict:
+    """The report as a JSON-serialisable dict."""
+    import torch
+
+    from . import __version__, backend
+    from ._native import native_available, native_build_info
+
+    cuda = torch.cuda.is_available()
+    return {
+        "polygrad_fast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": {m: _version(m) for m in ("torch", "numpy", "triton", "mujoco", "gymnasium")},
+        "torch": {
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cuda_available": cuda,
+            "cuda_version": torch.version.cuda,
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        },
+        "native_buffer": {"available": native_available(), "build": native_build_info()},
+        "backends": backend.report(),
+    }
+
+
+def main() -> None:
+    report = collect()
+    if "--json" in sys.argv[1:]:
+        print(json.dumps(report, indent=2, default=str))
+        return
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<{width}} {v}")
+        else:
+            print(f"{key:<{width + 2}} {value}")
+
+
+if __name__ == "__main__":
+    main()
