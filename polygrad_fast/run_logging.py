@@ -1,0 +1,56 @@
+"""Run logging: every record goes to stdout and to ``metrics.jsonl``; TensorBoard is optional."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class RunLogger:
+    """Writes ``{"step": s, "time": seconds since start, **metrics}`` lines to ``<logdir>/metrics.jsonl``.
+
+    Values must be numbers (torch scalars are converted); stdout gets a short line per record.
+    """
+
+    def __init__(self, logdir: str | Path, tensorboard: bool = False, stream=None):
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.logdir / "metrics.jsonl", "a", buffering=1)
+        self._stream = stream
+        self._start = time.perf_counter()
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError("tensorboard logging was requested but the tensorboard package is missing: "
+                                   "pip install tensorboard") from exc
+            self._tb = SummaryWriter(str(self.logdir / "tb"))
+
+    def log(self, step: int, metrics: Mapping[str, Any], echo: bool = True) -> None:
+        record = {"step": int(step), "time": round(time.perf_counter() - self._start, 3)}
+        for key, value in metrics.items():
+            value = float(value.item() if hasattr(value, "item") else value)
+            record[key] = value if math.isfinite(value) else str(value)
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, float):
+                    self._tb.add_scalar(key, value, step)
+        if echo:
+            shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            print(shown, file=self._stream or sys.stdout, flush=True)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
