@@ -150,3 +150,16 @@ def test_low_precision_copy_matches_fp32(make, dtype, tol):
 def test_low_precision_copy_rejects_fp32():
     with pytest.raises(ValueError, match="bfloat16 or torch.float16"):
         low_precision_copy(ResidualMLPDenoiser(2, 3, 1, SMALL_MLP), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("make", [lambda: ResidualMLPDenoiser(**HOPPER), lambda: TransformerDenoiser(**HOPPER)])
+def test_low_precision_copy_on_cuda(make):
+    torch.manual_seed(0)
+    m = make().cuda()
+    x, a, t = (v.cuda() for v in inputs(32, 10, 13, 3))
+    with torch.no_grad():
+        y, y_lp = m(x, a, t), low_precision_copy(m, torch.float16)(x, a, t)
+    assert y_lp.dtype == torch.float32
+    assert ((y_lp - y).norm() / y.norm()).item() < 4e-3  # same budget as the CPU fp16 test

@@ -281,3 +281,20 @@ def test_training_learns_linear_dynamics():
         trainer.train_step(linear_dynamics_batch(64, g))
     after = eval_loss()
     assert after < before / 5, (before, after)  # seen: 0.73 -> 0.043
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_training_resumes_identically():
+    batches = [window_batch(*(v.cuda() for v in data(seed)[:2])) for seed in range(4)]
+    config = DiffusionTrainerConfig(step_start_ema=2, update_ema_every=1)
+    a = DiffusionTrainer(small_denoiser(0).cuda(), NoiseSchedule(T), config)
+    assert a.precision == "fp16" and a.scaler.is_enabled()
+    for b in batches[:3]:
+        a.train_step(b)
+    state = copy.deepcopy(a.state_dict())
+    expected = a.train_step(batches[3])
+    assert all(torch.isfinite(torch.tensor(v)) for v in expected.values())
+    resumed = DiffusionTrainer(small_denoiser(1).cuda(), NoiseSchedule(T), config)
+    resumed.load_state_dict(state)
+    assert resumed.train_step(batches[3]) == expected
