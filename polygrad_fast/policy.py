@@ -1,0 +1,124 @@
+"""Actor and critic of the A2C agent (polygrad-reference.md §9 R1–R3).
+
+The actor consumes RAW (unnormalised) observations and returns a Normal over raw actions whose mean is
+``tanh(mlp(obs))`` and whose std is state independent: ``exp(logstd) + min_std`` (learned) or ``init_std``.
+The distribution is NOT squashed: samples may leave [-1, 1] (the env wrapper clips them).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.distributions import Independent, Normal
+
+LAYER_NORM_EPS = 1e-3  # the paper's MLP uses LayerNorm(eps=1e-3), not torch's default 1e-5
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int) -> nn.Sequential:
+    """``layers`` × [Linear → LayerNorm(eps 1e-3) → ELU], then Linear(hidden, out_dim)."""
+    if layers < 1 or hidden < 1:
+        raise ValueError(f"need layers >= 1 and hidden >= 1, got layers={layers}, hidden={hidden}")
+    mods: list[nn.Module] = []
+    d = in_dim
+    for _ in range(layers):
+        mods += [nn.Linear(d, hidden), nn.LayerNorm(hidden, eps=LAYER_NORM_EPS), nn.ELU()]
+        d = hidden
+    mods.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*mods)
+
+
+@dataclass
+class ActorConfig:
+    obs_dim: int
+    act_dim: int
+    hidden: int = 256
+    layers: int = 2
+    init_std: float = 1.0
+    min_std: float = 0.1
+    learned_std: bool = True
+
+
+class Actor(nn.Module):
+    """Policy π(a|s) = Normal(tanh(mlp(s)), std) over raw actions, s raw observations [..., O]."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, layers: int = 2,
+                 init_std: float = 1.0, min_std: float = 0.1, learned_std: bool = True):
+        super().__init__()
+        self.config = ActorConfig(obs_dim, act_dim, hidden, layers, init_std, min_std, learned_std)
+        if obs_dim < 1 or act_dim < 1:
+            raise ValueError(f"obs_dim and act_dim must be >= 1, got {obs_dim}, {act_dim}")
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.mlp = mlp(obs_dim, act_dim, hidden, layers)
+        self.min_std = float(min_std)
+        self.learned_std = learned_std
+        if learned_std:
+            if not init_std > min_std:
+                raise ValueError(f"learned std needs init_std > min_std, got {init_std} <= {min_std}")
+            self.logstd = nn.Parameter(torch.full((act_dim,), math.log(init_std - min_std)))
+        else:
+            if not init_std > 0:
+                raise ValueError(f"init_std must be > 0, got {init_std}")
+            self.register_buffer("fixed_std", torch.full((act_dim,), float(init_std)))
+
+    @classmethod
+    def from_config(cls, config: ActorConfig) -> "Actor":
+        return cls(**asdict(config))
+
+    def std(self) -> torch.Tensor:
+        """State-independent std [A]."""
+        return self.logstd.exp() + self.min_std if self.learned_std else self.fixed_std
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs [..., O] raw -> (mean [..., A] = tanh(mlp(obs)), std [..., A] (an expanded view))."""
+        if obs.shape[-1] != self.obs_dim:
+            raise ValueError(f"actor expects observations [..., {self.obs_dim}], got {tuple(obs.shape)}")
+        mean = torch.tanh(self.mlp(obs))
+        return mean, self.std().to(mean.dtype).expand_as(mean)
+
+    def distribution(self, obs: torch.Tensor) -> Independent:
+        """Independent(Normal(mean, std), 1): log_prob sums over the action dims."""
+        mean, std = self(obs)
+        return Independent(Normal(mean, std), 1)
+
+
+class Critic(nn.Module):
+    """State value V(s) [...] of raw observations [..., O] (same MLP as the actor, one output)."""
+
+    def __init__(self, obs_dim: int, hidden: int = 256, layers: int = 2):
+        super().__init__()
+        self.obs_dim = obs_dim
+        self.mlp = mlp(obs_dim, 1, hidden, layers)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.mlp(obs).squeeze(-1)
+
+
+def normal_log_prob_grad(actions: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """d/da log N(a; mean, std) = (mean - a) / std² (elementwise, any broadcastable shapes)."""
+    return (mean - actions) / std.square()
+
+
+def policy_mean_std(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of a policy output: a (mean, std) pair, a Normal, or an Independent(Normal).
+
+    The fast samplers use closed-form guidance, which is exact only for a diagonal Normal over raw actions
+    (the repository's Actor qualifies); squashed or mixture policies must use the reference backend.
+    """
+    if isinstance(out, Independent):
+        out = out.base_dist
+    if isinstance(out, Normal):
+        return out.mean, out.stddev
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return out[0], out[1]
+    raise TypeError("policy must return (mean, std), a Normal or an Independent(Normal); "
+                    f"got {type(out).__name__}")
+
+
+def policy_distribution(out) -> Independent:
+    """Independent(Normal, 1) over the last dim from a policy output (see ``policy_mean_std``)."""
+    if isinstance(out, Independent):
+        return out
+    mean, std = policy_mean_std(out)
+    return Independent(Normal(mean, std.expand_as(mean)), 1)

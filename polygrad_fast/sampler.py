@@ -1,0 +1,384 @@
+"""``FastGuidedSampler``: PolyGRAD's policy-guided trajectory sampler, fast, with the reference one switch away.
+
+One reverse step t (design.md "The fast guided step"): denoiser forward -> state update (kernel A) -> policy
+forward on the guide states -> action update (kernel B) with closed-form guidance a += w·(μ−a)/σ². The two
+elementwise updates go through ``self._ops`` so a backend can swap them (reference twins in
+``polygrad_fast.reference.step_ops``; fused Triton kernels on CUDA).
+
+The loop is written to be CUDA-graph capturable: buffers are preallocated per batch size, all noise is drawn
+in one ``randn`` before the loop, the guidance scale is a device tensor, and control flow depends only on the
+Python step index t, never on tensor values.
+
+Shapes: B batch, H horizon, O obs dim, D = O + 2, A action dim, T diffusion steps.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from .backend import select_backend
+from .denoisers import Denoiser, low_precision_copy
+from .normalizer import Normalizer
+from .policy import policy_mean_std
+from .reference import step_ops
+from .reference.guided_sampling import SamplerNoise, change_metrics, guided_sample, update_guide_states
+from .reference.step_ops import _SIGMA, _SQRT_ABAR, GUIDANCE_TYPES, STATES_FOR_GUIDANCE
+from .schedule import NoiseSchedule
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has AMX-BF16 or AVX512-BF16 (bf16 matmuls ~3.5x faster than fp32 on Sapphire Rapids)."""
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    if all(c is not None for c in checks):
+        return any(c() for c in checks)
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bf16 on CPUs with fast bf16 and on CUDA devices that support it, else fp32."""
+    if name == "auto":
+        if device.type == "cpu":
+            return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return DTYPES[name]
+
+
+@dataclass
+class SamplerConfig:
+    """Options of ``FastGuidedSampler`` (names and defaults as the paper's config keys, §4a)."""
+
+    guidance_type: str = "grad"  # 'grad' | 'sample' | 'none'
+    guidance_scale: float = 0.005  # initial value; kept as a device tensor (see GuidanceScaleTuner)
+    clip_std: float | None = 3.0  # clamp actions to policy mean ± clip_std·std; None disables
+    clip_state_change: float | None = 0.25  # clamp |posterior mean − x| for t <= 10; None disables
+    states_for_guidance: str = "recon"  # 'recon' (x0 prediction) | 'posterior_mean'
+    update_states: bool = False  # ablation: also push guide states along ∇_s log π (autograd)
+    action_noise_scale: float = 1.0
+    denoiser_dtype: str = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
+    policy_dtype: str = "auto"  # same choices; 'auto' follows the resolved denoiser dtype
+    compile: bool = False  # torch.compile the per-step policy + elementwise function (torch backend)
+    backend: str = "auto"  # 'auto' | 'torch' | 'reference' | 'triton' (see polygrad_fast.backend)
+    sync_weights: bool = True  # refresh low-precision copies from the live modules at every sample() call
+
+    def validate(self) -> None:
+        choices = {"guidance_type": GUIDANCE_TYPES, "states_for_guidance": STATES_FOR_GUIDANCE,
+                   "denoiser_dtype": ("auto",) + tuple(DTYPES), "policy_dtype": ("auto",) + tuple(DTYPES),
+                   "backend": ("auto", "torch", "reference", "triton")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("clip_std", "clip_state_change"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{name} must be None or a positive number, got {v!r}")
+        if not (isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
+        if not (isinstance(self.action_noise_scale, (int, float)) and self.action_noise_scale >= 0):
+            raise ValueError(f"action_noise_scale must be a number >= 0, got {self.action_noise_scale!r}")
+        if self.update_states and self.guidance_type != "grad":
+            raise ValueError("update_states=True needs guidance_type='grad' (the paper applies it only there)")
+
+
+@dataclass
+class ImaginedBatch:
+    """Imagined trajectories: raw fields (what A2C consumes, §9 R6) and their normalised twins.
+
+    observations [B,H,O], actions [B,H,A], rewards [B,H] raw; terminals [B,H] float 0/1 (raw terminal > 0.5);
+    *_normalized: the sampler's own (normalised) values; metrics: 0-dim device tensors (act_std, act_mean,
+    avg/max/min/std_change, terminal_avg) and sampling_time (seconds, float).
+    """
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    terminals: torch.Tensor
+    observations_normalized: torch.Tensor
+    actions_normalized: torch.Tensor
+    rewards_normalized: torch.Tensor
+    terminals_normalized: torch.Tensor
+    metrics: dict = field(default_factory=dict)
+
+
+class StepOps(NamedTuple):
+    """The two per-step elementwise ops, with the signatures of ``reference.step_ops``."""
+
+    state_update: Callable
+    action_update: Callable
+
+
+TORCH_OPS = StepOps(step_ops.guided_state_update, step_ops.guided_action_update)
+
+
+def _triton_ops() -> StepOps:
+    from . import kernels
+
+    try:
+        return StepOps(kernels.guided_state_update, kernels.guided_action_update)
+    except AttributeError as e:
+        raise RuntimeError("backend 'triton' selected but polygrad_fast.kernels does not provide "
+                           "guided_state_update / guided_action_update yet") from e
+
+
+class _CastCall(nn.Module):
+    """Calls a low-precision copy of a policy on fp32 raw states; returns fp32 (mean, std)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, states: torch.Tensor):
+        mean, std = policy_mean_std(self.module(states.to(self.dtype)))
+        return mean.float(), std.float()
+
+
+def _mean_std_call(policy: Callable) -> Callable:
+    def call(states: torch.Tensor):
+        return policy_mean_std(policy(states))
+    return call
+
+
+def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
+    """In-place refresh of a (cast) deep copy from its source: same structure, so parameters pair up."""
+    with torch.no_grad():
+        for d, s in zip(dst.parameters(), src.parameters()):
+            d.copy_(s)
+        for d, s in zip(dst.buffers(), src.buffers()):
+            d.copy_(s)
+
+
+class FastGuidedSampler:
+    """Policy-guided sampling of imagined trajectories from a start-observation batch.
+
+    ``denoiser(x [B,H,D], actions [B,H,A], t [B]) -> x0 [B,H,D]`` (x0 prediction, normalised space);
+    ``policy(raw_states [...,O])`` returns (mean, std), a Normal or an Independent(Normal) over RAW actions
+    (closed-form guidance assumes exactly that; the repository's ``Actor`` qualifies). Options: ``SamplerConfig``
+    fields, as a ``config=`` or keyword arguments.
+    """
+
+    def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, policy: Callable, normalizer: Normalizer,
+                 config: SamplerConfig | None = None, **options):
+        known = {f.name for f in fields(SamplerConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown sampler option(s) {unknown}; known: {sorted(known)}")
+        self.config = cfg = replace(config or SamplerConfig(), **options)
+        cfg.validate()
+        params = list(denoiser.parameters())
+        self.device = params[0].device if params else normalizer.device
+        if normalizer.device != self.device:
+            raise ValueError(f"normalizer is on {normalizer.device} but the denoiser on {self.device}")
+        self.denoiser, self.schedule, self.policy, self.normalizer = denoiser, schedule, policy, normalizer
+        self.obs_dim, self.act_dim = normalizer.obs_dim, normalizer.act_dim
+        self.transition_dim = self.obs_dim + 2
+        for attr, want in (("transition_dim", self.transition_dim), ("action_dim", self.act_dim)):
+            got = getattr(denoiser, attr, want)
+            if got != want:
+                raise ValueError(f"denoiser.{attr} = {got} but the normaliser implies {want}")
+        for attr, want in (("obs_dim", self.obs_dim), ("act_dim", self.act_dim)):
+            got = getattr(policy, attr, want)
+            if got != want:
+                raise ValueError(f"policy.{attr} = {got} but the normaliser implies {want}")
+        self.backend = select_backend(self.device, cfg.backend)
+        self.guidance_scale = torch.tensor(float(cfg.guidance_scale), device=self.device)
+        self.step_table = schedule.step_table(device=self.device)
+        if self.backend != "reference":
+            self._setup_fast()
+
+    # ---------------------------------------------------------------- fast-path setup
+    def _setup_fast(self) -> None:
+        cfg = self.config
+        self.denoiser_dtype = resolve_dtype(cfg.denoiser_dtype, self.device)
+        if self.denoiser_dtype != torch.float32 and not isinstance(self.denoiser, Denoiser):
+            if cfg.denoiser_dtype != "auto":
+                raise TypeError(f"denoiser_dtype={cfg.denoiser_dtype!r} needs a polygrad_fast Denoiser "
+                                f"(low_precision_copy); got {type(self.denoiser).__name__}")
+            self.denoiser_dtype = torch.float32  # a foreign module runs as given
+        self._denoiser_fast = (self.denoiser if self.denoiser_dtype == torch.float32
+                               else low_precision_copy(self.denoiser, self.denoiser_dtype))
+        self.policy_dtype = (self.denoiser_dtype if cfg.policy_dtype == "auto"
+                             else resolve_dtype(cfg.policy_dtype, self.device))
+        if self.policy_dtype != torch.float32 and isinstance(self.policy, nn.Module):
+            self._policy_copy = copy.deepcopy(self.policy).eval().requires_grad_(False).to(self.policy_dtype)
+            self._policy_fast: Callable = _CastCall(self._policy_copy, self.policy_dtype)
+        else:
+            self.policy_dtype = torch.float32
+            self._policy_copy = None
+            self._policy_fast = _mean_std_call(self.policy)
+        self._ops = _triton_ops() if self.backend == "triton" else TORCH_OPS
+        self._step = torch.compile(self._post_denoiser_step, dynamic=False) if cfg.compile \
+            else self._post_denoiser_step
+        # Python floats of the fp32 table: the sqrt(abar_t) scaling of the denoiser's action input.
+        self._sqrt_abar = self.step_table[:, _SQRT_ABAR].tolist()
+        self._buffers: dict | None = None
+
+    def _get_buffers(self, batch: int, horizon: int) -> dict:
+        """Preallocated per-call tensors, kept for the last (batch, horizon)."""
+        if self._buffers is None or self._buffers["key"] != (batch, horizon):
+            T, D, A, dev = self.schedule.n_steps, self.transition_dim, self.act_dim, self.device
+            self._buffers = {
+                "key": (batch, horizon),
+                "noise": torch.empty(T + 1, batch, horizon, D + A, device=dev),
+                "x": torch.empty(batch, horizon, D, device=dev),
+                "a": torch.empty(batch, horizon, self.act_dim, device=dev),
+                "a_in": torch.empty(batch, horizon, self.act_dim, device=dev),
+                "t": torch.arange(T, device=dev)[:, None].expand(T, batch).contiguous(),
+            }
+        return self._buffers
+
+    # ---------------------------------------------------------------- public API
+    def set_guidance_scale(self, value: float | torch.Tensor) -> None:
+        """Copy a new scale into the device tensor (no host sync when ``value`` is a device tensor)."""
+        self.guidance_scale.copy_(torch.as_tensor(value, dtype=torch.float32))
+
+    def sample(self, start_obs: torch.Tensor, *, normalized: bool = False, horizon: int | None = None,
+               generator: torch.Generator | None = None, noise: SamplerNoise | None = None,
+               guidance_scale: torch.Tensor | float | None = None) -> ImaginedBatch:
+        """Imagine trajectories from start_obs [B,O] (RAW observations unless ``normalized=True``).
+
+        horizon defaults to (and must equal) ``denoiser.horizon``; noise (``SamplerNoise``) overrides the
+        generator-drawn noise (tests); guidance_scale overrides ``self.guidance_scale`` for this call.
+        """
+        horizon = self._check_inputs(start_obs, horizon, noise)
+        start = start_obs if normalized else self.normalizer.normalize(start_obs, "observations")
+        g = self.guidance_scale if guidance_scale is None else torch.as_tensor(
+            guidance_scale, dtype=torch.float32, device=self.device)
+        t0 = time.perf_counter()
+        if self.backend == "reference":
+            x, a, metrics = self._sample_reference(start, horizon, g, generator, noise)
+        else:
+            x, a, metrics = self._sample_fast(start, horizon, g, generator, noise)
+        return self._finish(x, a, metrics, t0)
+
+    __call__ = sample
+
+    # ---------------------------------------------------------------- internals
+    def _check_inputs(self, start_obs, horizon, noise) -> int:
+        if not isinstance(start_obs, torch.Tensor):
+            raise TypeError(f"start_obs must be a torch.Tensor, got {type(start_obs).__name__}")
+        if start_obs.dim() != 2 or start_obs.shape[1] != self.obs_dim:
+            raise ValueError(f"start_obs: expected [B, {self.obs_dim}] (B start observations), "
+                             f"got {list(start_obs.shape)}")
+        if start_obs.shape[0] == 0:
+            raise ValueError("start_obs has batch size 0: nothing to sample")
+        if start_obs.device != self.device:
+            raise ValueError(f"start_obs is on {start_obs.device} but the sampler (denoiser) on {self.device}")
+        if start_obs.dtype != torch.float32:
+            raise TypeError(f"start_obs must be float32, got {start_obs.dtype}")
+        if not bool(torch.isfinite(start_obs).all()):
+            raise ValueError("start_obs contains NaN or inf")
+        model_h = getattr(self.denoiser, "horizon", None)
+        if horizon is None:
+            if model_h is None:
+                raise ValueError("horizon is required: the denoiser has no .horizon attribute")
+            horizon = model_h
+        if not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"horizon must be a positive int, got {horizon!r}")
+        if model_h is not None and horizon != model_h:
+            raise ValueError(f"horizon {horizon} != denoiser.horizon {model_h} (the denoiser is built for one H)")
+        if noise is not None:
+            noise.check(self.schedule.n_steps, start_obs.shape[0], horizon, self.transition_dim, self.act_dim)
+        return horizon
+
+    def _sample_reference(self, start, horizon, g, generator, noise):
+        c = self.config
+        return guided_sample(
+            self.denoiser, self.schedule, self.policy, self.normalizer, start, horizon=horizon,
+            guidance_type=c.guidance_type, guidance_scale=g, clip_std=c.clip_std,
+            clip_state_change=c.clip_state_change, states_for_guidance=c.states_for_guidance,
+            update_states=c.update_states, action_noise_scale=c.action_noise_scale, noise=noise,
+            generator=generator)
+
+    def _sync(self) -> None:
+        if not self.config.sync_weights:
+            return
+        if self._denoiser_fast is not self.denoiser:
+            _copy_weights(self._denoiser_fast, self.denoiser)
+        if self._policy_copy is not None:
+            _copy_weights(self._policy_copy, self.policy)
+
+    def _sample_fast(self, start, horizon, g, generator, noise):
+        self._sync()
+        B, T = start.shape[0], self.schedule.n_steps
+        buf = self._get_buffers(B, horizon)
+        # update_states needs autograd on the guide states, which inference tensors do not allow.
+        grad_mode = torch.no_grad() if self.config.update_states else torch.inference_mode()
+        with grad_mode:
+            if noise is None:
+                torch.randn(buf["noise"].shape, generator=generator, device=self.device, out=buf["noise"])
+                noise = SamplerNoise.from_buffer(buf["noise"], self.transition_dim)
+            x, a, a_in = buf["x"], buf["a"], buf["a_in"]
+            x.copy_(noise.x_T)
+            x[:, 0, : self.obs_dim] = start
+            a.copy_(noise.a_T)
+            change = None
+            for t in reversed(range(T)):
+                torch.mul(a, self._sqrt_abar[t], out=a_in)
+                x0 = self._denoiser_fast(x, a_in, buf["t"][t])
+                x_new, a_new, change = self._step(x, a, x0, start, t, g, noise.state[t], noise.action[t])
+                x.copy_(x_new)
+                a.copy_(a_new)
+            return x.clone(), a.clone(), change_metrics(change)
+
+    def _post_denoiser_step(self, x, a, x0, start, t: int, g, state_noise, action_noise):
+        """State update, policy, action update of step t. Returns (x_next, a_next, posterior mean − x or None)."""
+        c, n = self.config, self.normalizer
+        obs, act = n["observations"], n["actions"]
+        x_next, mean, guide = self._ops.state_update(
+            x, x0, start, t, self.step_table, obs.mean, obs.scale, c.clip_state_change, state_noise,
+            c.states_for_guidance)
+        change = mean - x if t == 0 else None
+        if t == 0 and c.clip_std is None or t > 0 and c.guidance_type == "none":
+            return x_next, a, change  # the action update is the identity: skip the policy forward
+        p_mean, p_std = self._policy_fast(guide)
+        a_next = self._ops.action_update(
+            a, p_mean, p_std, act.mean, act.scale, t, self.step_table, g, c.clip_std, action_noise,
+            c.action_noise_scale, c.guidance_type)
+        if c.update_states and t > 0:
+            # the raw guided action before its noise, which S7 differentiates log π at
+            sigma = self.step_table[t, _SIGMA]
+            a_guided = act.unnormalize(a_next - c.action_noise_scale * sigma * action_noise)
+            x_next, _ = update_guide_states(
+                x, step_ops.impose_start_obs(x0, start), mean, a_guided, start, t, self.step_table, self.policy,
+                n, g, c.states_for_guidance, state_noise)
+        return x_next, a_next, change
+
+    def _finish(self, x, a, metrics, t0) -> ImaginedBatch:
+        n, O = self.normalizer, self.obs_dim
+        obs_n, act_n = x[..., :O], a
+        obs, act = n.unnormalize(obs_n, "observations"), n.unnormalize(act_n, "actions")
+        rew_n, term_n = x[..., O], x[..., O + 1]
+        terminals = (n.unnormalize(term_n, "terminals") > 0.5).float()
+        with torch.no_grad():
+            metrics.update(standardized_action_stats(self.policy, obs, act))
+        metrics["terminal_avg"] = terminals.mean()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # one sync per call so the time is the real sampling time
+        metrics["sampling_time"] = time.perf_counter() - t0
+        return ImaginedBatch(obs, act, n.unnormalize(rew_n, "rewards"), terminals, obs_n, act_n, rew_n, term_n,
+                             metrics)
+
+
+def standardized_action_stats(policy: Callable, obs: torch.Tensor, actions: torch.Tensor) -> dict:
+    """act_mean, act_std of z = (a − μπ(s))/σπ(s) over (batch, time[:-1]) (all steps when H = 1), §8 A7.
+
+    obs [B,H,O], actions [B,H,A] raw. act_std is the mean over action dims of the per-dim std.
+    """
+    if obs.shape[1] > 1:
+        obs, actions = obs[:, :-1], actions[:, :-1]
+    mean, std = policy_mean_std(policy(obs))
+    z = ((actions - mean) / std).reshape(-1, actions.shape[-1])
+    return {"act_mean": z.mean(), "act_std": z.std(dim=0).mean() if z.shape[0] > 1 else torch.zeros_like(z[0, 0])}
