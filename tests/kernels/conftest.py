@@ -1,0 +1,23 @@
+"""Kernel tests run on a real GPU when there is one, otherwise under the Triton interpreter.
+
+The interpreter is chosen when a kernel is decorated, so TRITON_INTERPRET must be set here, before any test module
+imports ``polygrad_fast.kernels`` (nothing else in the package imports it eagerly).
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    if "polygrad_fast.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("polygrad_fast.kernels was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+
+@pytest.fixture
+def device():
+    """Where the kernels run: the GPU, or the CPU under the interpreter."""
+    return torch.device("cuda" if ON_GPU else "cpu")
