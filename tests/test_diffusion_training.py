@@ -18,6 +18,16 @@ D = O + 2
 SMALL = MLPDenoiserConfig(hidden_dim=32, num_layers=2)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Every model here is tiny: a second thread gains nothing, and on a busy 2-core machine torch's 2-thread pool
+    # stalls (toolchain notes §7): the toy-dynamics test took 15.6 s with 2 threads and 2.6 s with 1 under load.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def small_denoiser(seed=0):
     torch.manual_seed(seed)
     return ResidualMLPDenoiser(H, D, A, SMALL)
