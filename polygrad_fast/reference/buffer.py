@@ -100,7 +100,8 @@ def _check_array(name: str, x: Any, dtype, shape: tuple) -> np.ndarray:
                         f"got dtype {arr.dtype}")
     if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
         raise ValueError(f"{name}: expected shape {_fmt_shape(shape)}, got {list(arr.shape)}")
-    arr = np.ascontiguousarray(arr, dtype=dtype) if arr.ndim else arr.astype(dtype)  # (ascontiguousarray makes 0-d 1-d)
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing cast becomes inf, reported just below
+        arr = np.ascontiguousarray(arr, dtype=dtype) if arr.ndim else arr.astype(dtype)  # (keeps 0-d as 0-d)
     if not np.isfinite(arr).all():
         bad = np.argwhere(~np.isfinite(arr))[0].tolist()
         raise ValueError(f"{name}: contains NaN or inf (first at index {bad}, as {np.dtype(dtype).name})")
@@ -454,21 +455,22 @@ def _atomic_write_state(path: str | os.PathLike, sd: dict) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     arrays, offset = [], 0
     for name, value in sd.items():
-        a = np.ascontiguousarray(value)
+        a = np.asarray(value)
+        a = a if a.flags.c_contiguous else np.ascontiguousarray(a)
         arrays.append((name, a, offset))
         offset += a.nbytes
     header = json.dumps({"arrays": [[name, a.dtype.str, list(a.shape), off, a.nbytes] for name, a, off in arrays],
                          "payload_nbytes": offset}).encode()
     digest = hashlib.sha256(header)
     for _, a, _ in arrays:
-        digest.update(memoryview(a).cast("B"))
+        digest.update(a.reshape(-1).view(np.uint8))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(_PREFIX.pack(FORMAT_MAGIC, FORMAT_VERSION, len(header), digest.digest()))
             f.write(header)
             for _, a, _ in arrays:
-                f.write(memoryview(a).cast("B"))
+                f.write(a.reshape(-1).view(np.uint8))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the complete new one
@@ -655,8 +657,8 @@ class _TrajectoryBufferBase:
         sd = {"format_version": np.int64(FORMAT_VERSION), "obs_dim": np.int64(self._obs_dim),
               "act_dim": np.int64(self._act_dim), "sim_state_dim": np.int64(self._sim_dim),
               "capacity": np.int64(self._capacity)}
-        sd.update({k: np.asarray(v) for k, v in self._core.export_state().items()})
-        return sd
+        sd.update(self._core.export_state())
+        return {k: np.asarray(v) for k, v in sd.items()}
 
     @classmethod
     def from_state_dict(cls, state: dict, **kwargs):
