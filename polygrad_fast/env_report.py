@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import platform
 import sys
 
@@ -39,7 +40,14 @@ def collect() -> dict:
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
         },
         "native_buffer": {"available": native_available(), "build": native_build_info()},
-        "backends": backend.report(),
+        "backends": {
+            "sampler_cpu": backend.select_backend("cpu"),
+            "sampler_cuda": backend.select_backend("cuda") if cuda else "unavailable (no CUDA device)",
+            "triton_kernels": "compiled (GPU)" if cuda and backend.triton_usable("cuda") else
+                              "interpreter/AOT-compile only (no usable GPU)",
+            "trajectory_buffer": "native C++" if native_available() else "numpy reference",
+            "forced_by_env": os.environ.get(backend.ENV_VAR) or None,
+        },
     }
 
 

@@ -6,7 +6,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 
 class RunLogger:
@@ -30,7 +30,8 @@ class RunLogger:
                                    "pip install tensorboard") from exc
             self._tb = SummaryWriter(str(self.logdir / "tb"))
 
-    def log(self, step: int, metrics: Mapping[str, Any], echo: bool = True) -> None:
+    def log(self, step: int, metrics: Mapping[str, Any], echo: bool | Iterable[str] = True) -> None:
+        """Append one record; ``echo`` is True (print all), False, or the keys to print (long records)."""
         record = {"step": int(step), "time": round(time.perf_counter() - self._start, 3)}
         for key, value in metrics.items():
             value = float(value.item() if hasattr(value, "item") else value)
@@ -41,7 +42,9 @@ class RunLogger:
                 if key != "step" and isinstance(value, float):
                     self._tb.add_scalar(key, value, step)
         if echo:
-            shown = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+            keys = record if echo is True else ["step", "time", *echo]
+            shown = "  ".join(f"{k}={record[k]:.4g}" if isinstance(record[k], float) else f"{k}={record[k]}"
+                              for k in keys if k in record)
             print(shown, file=self._stream or sys.stdout, flush=True)
 
     def close(self) -> None:
