@@ -1,0 +1,157 @@
+"""The CUDA-graph sampling path: its pure-Python parts and its loop body on the CPU, the graph itself on a GPU.
+
+On the CPU the loop body (``GuidedLoop.run``) runs eagerly under the Triton interpreter and is compared with the
+sampler's torch path fed the very noise the kernels draw (recovered with ``q_sample`` at unit tables).
+"""
+import warnings
+
+import pytest
+import torch
+
+from polygrad_fast import gpu_sampling
+from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
+from polygrad_fast.gpu_sampling import GuidedLoop, ShapeKeyedCache, graph_runner_for
+from polygrad_fast.normalizer import Normalizer
+from polygrad_fast.policy import Actor
+from polygrad_fast.reference.guided_sampling import SamplerNoise
+from polygrad_fast.sampler import FastGuidedSampler
+from polygrad_fast.schedule import NoiseSchedule
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+O, A = 5, 3
+
+
+def make_sampler(device, horizon=3, n_steps=4, hidden=32, backend="torch", **options):
+    torch.manual_seed(0)
+    denoiser = ResidualMLPDenoiser(horizon, O + 2, A, MLPDenoiserConfig(embed_dim=16, hidden_dim=hidden,
+                                                                        num_layers=1)).to(device)
+    policy = Actor(O, A, hidden=16, layers=1).to(device)
+    g = torch.Generator().manual_seed(1)
+    stats = {"observations": (torch.randn(O, generator=g), torch.rand(O, generator=g) + 0.5),
+             "actions": (torch.randn(A, generator=g) * 0.1, torch.rand(A, generator=g) + 0.5),
+             "rewards": (0.5, 2.0), "terminals": (0.1, 0.3)}
+    stats = {k: tuple(v.numpy() if torch.is_tensor(v) else v for v in pair) for k, pair in stats.items()}
+    options = dict(dict(denoiser_dtype="float32", policy_dtype="float32", clip_std=1.0, guidance_scale=0.5),
+                   **options)
+    return FastGuidedSampler(denoiser, NoiseSchedule(n_steps), policy, Normalizer(stats, device=device),
+                             backend=backend, **options)
+
+
+def kernel_noise(seed, n_steps, batch, horizon, device) -> SamplerNoise:
+    """The noise GuidedLoop's kernels draw for ``seed``: step t < T for the reverse steps, step T initially."""
+    from polygrad_fast.kernels import q_sample
+
+    x, a = torch.zeros(batch, horizon, O + 2, device=device), torch.zeros(batch, horizon, A, device=device)
+    unit = torch.zeros(n_steps + 1, device=device), torch.ones(n_steps + 1, device=device)
+    draws = [q_sample(x, a, torch.full((batch,), t, device=device), *unit, None, action_noise_scale=1.0, seed=seed)
+             for t in range(n_steps + 1)]
+    return SamplerNoise(x_T=draws[-1][0], a_T=draws[-1][1], state=torch.stack([d[0] for d in draws[:-1]]),
+                        action=torch.stack([d[1] for d in draws[:-1]]))
+
+
+def run_loop(sampler, start, seed, guidance_scale=0.5):
+    loop = GuidedLoop(sampler, start.shape[0], sampler.denoiser.horizon)
+    loop.start.copy_(start)
+    loop.seed.fill_(seed)
+    loop.guidance_scale.fill_(guidance_scale)
+    with torch.inference_mode():
+        return loop.run()
+
+
+def test_shape_keyed_cache_is_lru():
+    cache, builds = ShapeKeyedCache(2), []
+
+    def build(key):
+        return lambda: builds.append(key) or f"graph{key}"
+
+    assert cache.get((1, 10), build((1, 10))) == "graph(1, 10)"
+    assert cache.get((1, 10), build((1, 10))) == "graph(1, 10)"  # hit: not rebuilt
+    cache.get((2, 10), build((2, 10)))
+    cache.get((1, 10), build((1, 10)))  # (2, 10) is now the least recently used
+    cache.get((3, 10), build((3, 10)))
+    assert builds == [(1, 10), (2, 10), (3, 10)]
+    assert cache.keys() == [(1, 10), (3, 10)] and len(cache) == 2
+    with pytest.raises(ValueError):
+        ShapeKeyedCache(0)
+
+
+def test_runner_unavailable_on_cpu_warns_once(monkeypatch):
+    monkeypatch.setattr(gpu_sampling, "_warned", set())
+    sampler = make_sampler("cpu")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert graph_runner_for(sampler) is None
+        assert graph_runner_for(sampler) is None
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "CUDA" in messages[0]
+
+
+@pytest.mark.parametrize("options", [dict(), dict(guidance_type="sample", states_for_guidance="posterior_mean"),
+                                     dict(guidance_type="none", clip_std=None)])
+def test_loop_body_matches_torch_path_with_the_kernels_noise(options, device):
+    sampler = make_sampler(device, n_steps=12, **options)  # 12 steps: both the clamped tail and t > 10
+    start = torch.randn(2, O, device=device)
+    x, a, change = run_loop(sampler, start, seed=5)
+    noise = kernel_noise(5, 12, 2, 3, device)
+    batch = sampler.sample(start, normalized=True, noise=noise)
+    torch.testing.assert_close(x[..., :O], batch.observations_normalized, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x[..., O], batch.rewards_normalized, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, batch.actions_normalized, atol=1e-5, rtol=1e-5)
+    assert change.shape == x.shape
+
+
+def test_loop_body_seeds(device):
+    sampler = make_sampler(device)
+    start = torch.randn(2, O, device=device)
+    x1, a1, _ = run_loop(sampler, start, seed=1)
+    x1b, a1b, _ = run_loop(sampler, start, seed=1)
+    x2, a2, _ = run_loop(sampler, start, seed=2)
+    assert torch.equal(x1, x1b) and torch.equal(a1, a1b)
+    assert not torch.equal(x1, x2) and not torch.equal(a1, a2)
+    torch.testing.assert_close(x1[:, 0, :O], start, atol=0, rtol=0)  # first observation pinned
+
+
+@needs_gpu
+def test_graph_replay_equals_eager_loop():
+    sampler = make_sampler("cuda", backend="triton", denoiser_dtype="bfloat16", policy_dtype="bfloat16")
+    runner = graph_runner_for(sampler)
+    start = torch.randn(4, O, device="cuda")
+    g = torch.tensor(0.5, device="cuda")
+    x, a, _ = runner.sample(start, 3, g, seed=9)
+    x_eager, a_eager, _ = run_loop(sampler, start, seed=9)
+    torch.testing.assert_close(x, x_eager, atol=0, rtol=0)
+    torch.testing.assert_close(a, a_eager, atol=0, rtol=0)
+    x_again, _, _ = runner.sample(start, 3, g, seed=9)  # replay of the cached graph
+    torch.testing.assert_close(x_again, x, atol=0, rtol=0)
+    runner.sample(torch.randn(2, O, device="cuda"), 3, g, seed=9)
+    assert runner._graphs.keys() == [(4, 3), (2, 3)] and runner.enabled
+
+
+@needs_gpu
+def test_graph_follows_guidance_scale_and_weights_without_recapture():
+    sampler = make_sampler("cuda", backend="triton")
+    runner = graph_runner_for(sampler)
+    start = torch.randn(4, O, device="cuda")
+    x1, a1, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
+    x2, a2, _ = runner.sample(start, 3, torch.tensor(2.0, device="cuda"), seed=3)
+    assert not torch.equal(a1, a2)
+    with torch.no_grad():
+        for p in sampler.denoiser.parameters():
+            p.mul_(0.5)
+    x3, _, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
+    x3_eager, _, _ = run_loop(sampler, start, seed=3)
+    torch.testing.assert_close(x3, x3_eager, atol=0, rtol=0)
+    assert len(runner._graphs) == 1
+
+
+@needs_gpu
+@pytest.mark.parametrize("guidance_type", ["grad", "sample", "none"])
+def test_triton_sampler_matches_reference_on_gpu(guidance_type):
+    """Full sampler, fp32 denoiser, explicit noise: the triton backend's eager loop against the paper-style one."""
+    fast = make_sampler("cuda", n_steps=16, backend="triton", guidance_type=guidance_type)
+    ref = make_sampler("cuda", n_steps=16, backend="reference", guidance_type=guidance_type)
+    start = torch.randn(8, O, device="cuda")
+    noise = SamplerNoise.draw(16, 8, 3, O + 2, A, generator=torch.Generator("cuda").manual_seed(0), device="cuda")
+    got, want = fast.sample(start, normalized=True, noise=noise), ref.sample(start, normalized=True, noise=noise)
+    torch.testing.assert_close(got.observations_normalized, want.observations_normalized, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.actions_normalized, want.actions_normalized, atol=1e-4, rtol=1e-4)
