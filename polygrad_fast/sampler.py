@@ -224,6 +224,11 @@ class FastGuidedSampler:
         # Python floats of the fp32 table: the sqrt(abar_t) scaling of the denoiser's action input.
         self._sqrt_abar = self.step_table[:, _SQRT_ABAR].tolist()
         self._buffers: dict | None = None
+        # backend 'triton': calls without explicit noise replay the whole loop as a CUDA graph
+        self._graph_runner = None
+        if self.backend == "triton":
+            from .gpu_sampling import graph_runner_for
+            self._graph_runner = graph_runner_for(self)
 
     def _get_buffers(self, batch: int, horizon: int) -> dict:
         """Preallocated per-call tensors, kept for the last (batch, horizon)."""
@@ -312,6 +317,8 @@ class FastGuidedSampler:
 
     def _sample_fast(self, start, horizon, g, generator, noise):
         self._sync()
+        if noise is None and self._graph_runner is not None and self._graph_runner.enabled:
+            return self._graph_runner.sample(start, horizon, g, generator)
         B, T = start.shape[0], self.schedule.n_steps
         buf = self._get_buffers(B, horizon)
         # update_states needs autograd on the guide states, which inference tensors do not allow.
