@@ -123,6 +123,27 @@ class StepOps(NamedTuple):
 TORCH_OPS = StepOps(step_ops.guided_state_update, step_ops.guided_action_update)
 
 
+def compiled_torch_ops() -> StepOps:
+    """``torch.compile``d twins of the step ops. Step t is resolved on the host (coefficient row, clip and noise
+    switches) so inductor traces one graph per branch, not one per t (an int t is specialised on when it
+    indexes the step table)."""
+    state_at = torch.compile(step_ops.state_update_at)
+    action_at = torch.compile(step_ops.action_update_at)
+
+    def state_update(x, x0_pred, start_obs, t, step_table, obs_mean, obs_scale, clip_state_change, noise,
+                     states_for_guidance="recon"):
+        return state_at(x, x0_pred, start_obs, step_table[t], obs_mean, obs_scale,
+                        clip_state_change if t <= step_ops.CLIP_STATE_CHANGE_MAX_T else None,
+                        None if t == 0 else noise, states_for_guidance)
+
+    def action_update(actions, policy_mean, policy_std, act_mean, act_scale, t, step_table, guidance_scale,
+                      clip_std, noise, action_noise_scale=1.0, guidance_type="grad"):
+        return action_at(actions, policy_mean, policy_std, act_mean, act_scale, step_table[t], guidance_scale,
+                         clip_std, noise, action_noise_scale, guidance_type, t == 0)
+
+    return StepOps(state_update, action_update)
+
+
 def _triton_ops() -> StepOps:
     from . import kernels
 
@@ -219,8 +240,10 @@ class FastGuidedSampler:
             self._policy_copy = None
             self._policy_fast = _mean_std_call(self.policy)
         self._ops = _triton_ops() if self.backend == "triton" else TORCH_OPS
-        self._step = torch.compile(self._post_denoiser_step, dynamic=False) if cfg.compile \
-            else self._post_denoiser_step
+        if cfg.compile and self.backend == "torch":
+            self._ops = compiled_torch_ops()
+            self._policy_fast = torch.compile(self._policy_fast)
+            self._denoiser_fast = torch.compile(self._denoiser_fast)
         # Python floats of the fp32 table: the sqrt(abar_t) scaling of the denoiser's action input.
         self._sqrt_abar = self.step_table[:, _SQRT_ABAR].tolist()
         self._buffers: dict | None = None
@@ -335,7 +358,7 @@ class FastGuidedSampler:
             for t in reversed(range(T)):
                 torch.mul(a, self._sqrt_abar[t], out=a_in)
                 x0 = self._denoiser_fast(x, a_in, buf["t"][t])
-                x_new, a_new, change = self._step(x, a, x0, start, t, g, noise.state[t], noise.action[t])
+                x_new, a_new, change = self._post_denoiser_step(x, a, x0, start, t, g, noise.state[t], noise.action[t])
                 x.copy_(x_new)
                 a.copy_(a_new)
             return x.clone(), a.clone(), change_metrics(change)

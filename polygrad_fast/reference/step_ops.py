@@ -52,12 +52,32 @@ def guided_state_update(
     """
     if states_for_guidance not in STATES_FOR_GUIDANCE:
         raise ValueError(f"states_for_guidance must be one of {STATES_FOR_GUIDANCE}, got {states_for_guidance!r}")
-    coef = step_table[t]
+    return state_update_at(
+        x, x0_pred, start_obs, step_table[t], obs_mean, obs_scale,
+        clip_state_change if t <= CLIP_STATE_CHANGE_MAX_T else None, None if t == 0 else noise,
+        states_for_guidance)
+
+
+def state_update_at(
+    x: torch.Tensor,
+    x0_pred: torch.Tensor,
+    start_obs: torch.Tensor,
+    coef: torch.Tensor,
+    obs_mean: torch.Tensor,
+    obs_scale: torch.Tensor,
+    clip_state_change: float | None,
+    noise: torch.Tensor | None,
+    states_for_guidance: str = "recon",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``guided_state_update`` with step t resolved by the caller: coef = step_table[t] [4]; clip_state_change
+    None unless t <= 10; noise None at t = 0. Branches only on Python values, so ``torch.compile`` traces one
+    graph per (clip, noise) combination instead of one per t.
+    """
     x0 = impose_start_obs(x0_pred, start_obs)
     mean = coef[_COEF1] * x0 + coef[_COEF2] * x
-    if clip_state_change is not None and t <= CLIP_STATE_CHANGE_MAX_T:
+    if clip_state_change is not None:
         mean = x + (mean - x).clamp(-clip_state_change, clip_state_change)
-    x_next = mean if t == 0 else mean + coef[_SIGMA] * noise
+    x_next = mean if noise is None else mean + coef[_SIGMA] * noise
     x_next = impose_start_obs(x_next, start_obs)
     obs_dim = start_obs.shape[-1]
     guide = (x0 if states_for_guidance == "recon" else mean)[..., :obs_dim]
@@ -90,14 +110,33 @@ def guided_action_update(
     """
     if guidance_type not in GUIDANCE_TYPES:
         raise ValueError(f"guidance_type must be one of {GUIDANCE_TYPES}, got {guidance_type!r}")
+    return action_update_at(actions, policy_mean, policy_std, act_mean, act_scale, step_table[t], guidance_scale,
+                            clip_std, noise, action_noise_scale, guidance_type, last=t == 0)
+
+
+def action_update_at(
+    actions: torch.Tensor,
+    policy_mean: torch.Tensor,
+    policy_std: torch.Tensor,
+    act_mean: torch.Tensor,
+    act_scale: torch.Tensor,
+    coef: torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    clip_std: float | None,
+    noise: torch.Tensor | None,
+    action_noise_scale: float,
+    guidance_type: str,
+    last: bool,
+) -> torch.Tensor:
+    """``guided_action_update`` with step t resolved by the caller: coef = step_table[t] [4], last = (t == 0)."""
     a = actions * act_scale + act_mean
-    if t == 0 or guidance_type == "grad":
+    if last or guidance_type == "grad":
         if clip_std is not None:
             a = torch.minimum(torch.maximum(a, policy_mean - clip_std * policy_std), policy_mean + clip_std * policy_std)
-        if t == 0:
+        if last:
             return (a - act_mean) / act_scale
         a = a + guidance_scale * (policy_mean - a) / policy_std**2
-        return (a - act_mean) / act_scale + action_noise_scale * step_table[t, _SIGMA] * noise
+        return (a - act_mean) / act_scale + action_noise_scale * coef[_SIGMA] * noise
     if guidance_type == "sample":
         return (policy_mean + policy_std * noise - act_mean) / act_scale
     return actions.clone()
