@@ -10,11 +10,9 @@
 #include <cstring>
 #include <string>
 
+#include "parallel.hpp"
 #include "trajectory_buffer.hpp"
 
-#ifdef PGF_OPENMP
-#include <omp.h>
-#endif
 
 namespace py = pybind11;
 using pgf::TrajectoryBufferCore;
@@ -65,13 +63,10 @@ py::dict build_info() {
 #endif
   d["cxx_flags"] = PGF_CXX_FLAGS;
   d["build_type"] = PGF_BUILD_TYPE;
-#ifdef PGF_OPENMP
-  d["openmp"] = true;
-  d["openmp_max_threads"] = omp_get_max_threads();
-#else
+  // Not OpenMP: the gather uses a small helper pool whose caller never waits for a sleeping worker (parallel.hpp).
   d["openmp"] = false;
-  d["openmp_max_threads"] = 1;
-#endif
+  d["parallelism"] = "std::thread helper pool";
+  d["gather_threads"] = pgf::gather_threads();
 #ifdef PGF_WITH_CUDA
   d["cuda_variant"] = true;
 #else
@@ -86,7 +81,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_buffer_native, m) {
   m.doc() = "Native core of polygrad_fast.TrajectoryBuffer (use polygrad_fast.buffer, not this module)";
-  m.def("build_info", &build_info, "How this extension was built: compiler, flags, OpenMP, CUDA variant, version.");
+  m.def("build_info", &build_info, "How this extension was built: compiler, flags, OpenMP/threads, CUDA variant, version.");
 
   py::class_<TrajectoryBufferCore>(m, "BufferCore")
       .def(py::init<int64_t, int64_t, int64_t, int64_t>(), py::arg("obs_dim"), py::arg("act_dim"),

@@ -4,15 +4,18 @@
 // reference. The build uses -ffp-contract=off (no FMA fusion) and never -ffast-math, so results are bit-identical.
 #include "trajectory_buffer.hpp"
 
+#include "parallel.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <new>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <stdexcept>
 #include <string>
 
-#ifdef PGF_OPENMP
-#include <omp.h>
-#endif
 
 namespace pgf {
 namespace {
@@ -75,15 +78,33 @@ void set_terminal_moments(double* mean, double* m2, int64_t D, int64_t L, bool t
   m2[D - 1] = k * (static_cast<double>(L) - k) / static_cast<double>(L);
 }
 
+// The ring is big (1M Hopper steps = 528 MB) and windows start at random places in it, so with 4 KB pages nearly
+// every window costs TLB misses (expensive page walks under a hypervisor). Ask for transparent huge pages: 2 MB
+// aligned allocation + madvise. Memory is left unzeroed: only written records are ever read.
+double* alloc_ring(size_t bytes) {
+  constexpr size_t kHuge = size_t(2) << 20;
+  void* p = nullptr;
+  if (bytes >= kHuge) {
+    const size_t rounded = (bytes + kHuge - 1) / kHuge * kHuge;
+    p = std::aligned_alloc(kHuge, rounded);
+#ifdef MADV_HUGEPAGE
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);  // a hint; failure just means 4 KB pages
+#endif
+  } else {
+    p = std::malloc(bytes > 0 ? bytes : 1);
+  }
+  if (!p) throw std::bad_alloc();
+  return static_cast<double*>(p);
+}
+
 }  // namespace
 
 TrajectoryBufferCore::TrajectoryBufferCore(int64_t obs_dim, int64_t act_dim, int64_t sim_dim, int64_t capacity)
     : O_(obs_dim), A_(act_dim), S_(sim_dim), C_(capacity), D_(obs_dim + act_dim + 2) {
   if (O_ < 1 || A_ < 1 || S_ < 0 || C_ < 1) throw std::invalid_argument("BufferCore: bad dimensions");
-  obs_.assign(static_cast<size_t>(C_ * O_), 0.0f);
-  act_.assign(static_cast<size_t>(C_ * A_), 0.0f);
-  rew_.assign(static_cast<size_t>(C_), 0.0f);
-  sim_.assign(static_cast<size_t>(C_ * S_), 0.0);
+  sim_off_ = (O_ + A_ + 1 + 1) / 2;  // floats rounded up to whole doubles
+  row_ = sim_off_ + S_;
+  ring_.reset(alloc_ring(static_cast<size_t>(C_ * row_) * sizeof(double)));
   agg_mean_.assign(D_, 0.0);
   agg_m2_.assign(D_, 0.0);
 }
@@ -152,15 +173,14 @@ void TrajectoryBufferCore::make_room(int64_t steps) {
 
 void TrajectoryBufferCore::write_steps(int64_t pos, const float* obs, const float* act, const float* rew,
                                        const double* sim, int64_t L) {
-  const int64_t k = std::min(L, C_ - pos);  // first chunk up to the end of the ring; the rest wraps to 0
-  auto put = [&](auto* dst, const auto* src, int64_t w) {
-    std::memcpy(dst + pos * w, src, sizeof(*src) * k * w);
-    std::memcpy(dst, src + k * w, sizeof(*src) * (L - k) * w);
-  };
-  put(obs_.data(), obs, O_);
-  put(act_.data(), act, A_);
-  put(rew_.data(), rew, 1);
-  if (S_ > 0) put(sim_.data(), sim, S_);
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t p = (pos + i) % C_;  // wraps around the end of the ring
+    float* f = frow(p);
+    std::memcpy(f, obs + i * O_, sizeof(float) * O_);
+    std::memcpy(f + O_, act + i * A_, sizeof(float) * A_);
+    f[O_ + A_] = rew[i];
+    if (S_ > 0) std::memcpy(srow(p), sim + i * S_, sizeof(double) * S_);
+  }
 }
 
 void TrajectoryBufferCore::add_episode(const float* obs, const float* act, const float* rew, const double* sim,
@@ -283,7 +303,7 @@ std::vector<int64_t> TrajectoryBufferCore::episode_lengths() const {
 int64_t TrajectoryBufferCore::nbytes() const {
   std::lock_guard<std::mutex> lock(mu_);
   auto b = [](const auto& v) { return static_cast<int64_t>(v.capacity() * sizeof(v[0])); };
-  return b(obs_) + b(act_) + b(rew_) + b(sim_) + b(ep_id_) + b(ep_start_) + b(ep_len_) + b(ep_term_) +
+  return C_ * row_ * static_cast<int64_t>(sizeof(double)) + b(ep_id_) + b(ep_start_) + b(ep_len_) + b(ep_term_) +
          b(ep_trunc_) + b(ep_mean_) + b(ep_m2_) + b(agg_mean_) + b(agg_m2_) + b(prefix_);
 }
 
@@ -356,45 +376,61 @@ void TrajectoryBufferCore::sample(int64_t B, int64_t H, uint64_t seed, bool norm
 
   const uint64_t key = seed_key(seed);
   const int64_t O = O_, A = A_, S = S_, C = C_;
-  const int64_t row_bytes = 4 * (O + A + 2) + 8 * S;
-  const bool parallel = B * H * row_bytes >= (int64_t(1) << 20);  // threads only pay off past ~1 MB of output
-  (void)parallel;
 
-#ifdef PGF_OPENMP
-#pragma omp parallel for schedule(static) if (parallel)
-#endif
+  // Phase 1 (cheap, in cache): window -> (first record, length, terminated), and the id/start outputs.
+  struct Win {
+    int64_t st, s, L;
+    bool term;
+  };
+  std::vector<Win> wins(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
     const int64_t j = static_cast<int64_t>(draw(key, static_cast<uint64_t>(b)) % N);
     // Episode k holds flat starts P[k] <= j < P[k+1].
     const int64_t k = (std::upper_bound(P.begin(), P.end(), j) - P.begin()) - 1;
-    const int64_t s = j - P[k];
     const int64_t r = e0_ + k;
-    const int64_t L = ep_len_[r], st = ep_start_[r];
-    const bool term = ep_term_[r] != 0;
+    wins[b] = Win{ep_start_[r], j - P[k], ep_len_[r], ep_term_[r] != 0};
     out.episode_ids[b] = ep_id_[r];
-    out.start_steps[b] = s;
-    for (int64_t t = 0; t < H; ++t) {
-      const int64_t step = s + t;
-      const bool inside = step < L;
-      const int64_t p = (st + (inside ? step : L - 1)) % C;  // padding repeats the last stored step
-      const int64_t o = b * H + t;
-      const float* so = &obs_[p * O];
-      float* d = out.obs + o * O;
-      const float* sa = &act_[p * A];
-      float* da = out.act + o * A;
-      if (normalize) {
-        for (int64_t q = 0; q < O; ++q) d[q] = static_cast<float>((static_cast<double>(so[q]) - mo[q]) * io[q]);
-        for (int64_t q = 0; q < A; ++q) da[q] = static_cast<float>((static_cast<double>(sa[q]) - ma[q]) * ia[q]);
-        out.rew[o] = inside ? static_cast<float>((static_cast<double>(rew_[p]) - mr) * ir) : pad_rew;
-      } else {
-        std::memcpy(d, so, sizeof(float) * O);
-        std::memcpy(da, sa, sizeof(float) * A);
-        out.rew[o] = inside ? rew_[p] : 0.0f;
+    out.start_steps[b] = j - P[k];
+  }
+
+  // Phase 2: the gather, one contiguous run of records per window (modulo the wrap). Memory-bandwidth bound; large
+  // batches are split into chunks of windows shared with helper threads (parallel.hpp).
+  const int64_t window_bytes = H * (4 * (O + A + 2) + 8 * S);
+  auto gather = [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const Win& w = wins[b];
+      const int64_t L = w.L, s = w.s, st = w.st;
+      for (int64_t t = 0; t < H; ++t) {
+        const int64_t step = s + t;
+        const bool inside = step < L;
+        const int64_t p = (st + (inside ? step : L - 1)) % C;  // padding repeats the last stored step
+        const int64_t o = b * H + t;
+        const float* f = frow(p);
+        float* d = out.obs + o * O;
+        float* da = out.act + o * A;
+        if (normalize) {
+          for (int64_t q = 0; q < O; ++q) d[q] = static_cast<float>((static_cast<double>(f[q]) - mo[q]) * io[q]);
+          for (int64_t q = 0; q < A; ++q)
+            da[q] = static_cast<float>((static_cast<double>(f[O + q]) - ma[q]) * ia[q]);
+          out.rew[o] = inside ? static_cast<float>((static_cast<double>(f[O + A]) - mr) * ir) : pad_rew;
+        } else {
+          std::memcpy(d, f, sizeof(float) * O);
+          std::memcpy(da, f + O, sizeof(float) * A);
+          out.rew[o] = inside ? f[O + A] : 0.0f;
+        }
+        out.term[o] = (w.term && step >= L - 1) ? one_term : zero_term;
+        if (S > 0) std::memcpy(out.sim + o * S, srow(p), sizeof(double) * S);
       }
-      out.term[o] = (term && step >= L - 1) ? one_term : zero_term;
-      if (S > 0) std::memcpy(out.sim + o * S, &sim_[p * S], sizeof(double) * S);
+      std::memcpy(out.start_obs + b * O, out.obs + b * H * O, sizeof(float) * O);
     }
-    std::memcpy(out.start_obs + b * O, out.obs + b * H * O, sizeof(float) * O);
+  };
+  // ~64 KB of output per chunk; below ~256 KB in total threads do not pay for their wake-up.
+  const int64_t per_chunk = std::max<int64_t>(1, (int64_t(64) << 10) / std::max<int64_t>(window_bytes, 1));
+  const int64_t n_chunks = (B + per_chunk - 1) / per_chunk;
+  if (B * window_bytes < (int64_t(256) << 10) || n_chunks < 2) {
+    gather(0, B);
+  } else {
+    run_chunks(n_chunks, [&](int64_t c) { gather(c * per_chunk, std::min(B, (c + 1) * per_chunk)); });
   }
 }
 
@@ -407,10 +443,11 @@ TrajectoryBufferCore::State TrajectoryBufferCore::export_state() const {
   s.sim.resize(n_ * S_);
   for (int64_t i = 0; i < n_; ++i) {  // logical order, oldest first
     const int64_t p = (tail_ + i) % C_;
-    std::memcpy(&s.obs[i * O_], &obs_[p * O_], sizeof(float) * O_);
-    std::memcpy(&s.act[i * A_], &act_[p * A_], sizeof(float) * A_);
-    s.rew[i] = rew_[p];
-    if (S_ > 0) std::memcpy(&s.sim[i * S_], &sim_[p * S_], sizeof(double) * S_);
+    const float* f = frow(p);
+    std::memcpy(&s.obs[i * O_], f, sizeof(float) * O_);
+    std::memcpy(&s.act[i * A_], f + O_, sizeof(float) * A_);
+    s.rew[i] = f[O_ + A_];
+    if (S_ > 0) std::memcpy(&s.sim[i * S_], srow(p), sizeof(double) * S_);
   }
   s.episode_ids.assign(ep_id_.begin() + e0_, ep_id_.begin() + e0_ + E_);
   s.episode_lengths.assign(ep_len_.begin() + e0_, ep_len_.begin() + e0_ + E_);
@@ -443,10 +480,7 @@ void TrajectoryBufferCore::import_state(const State& s) {
       static_cast<int64_t>(s.episode_m2.size()) != E * D_ || static_cast<int64_t>(s.agg_mean.size()) != D_ ||
       static_cast<int64_t>(s.agg_m2.size()) != D_ || (s.open_episode && E == 0))
     throw std::invalid_argument("BufferCore.import_state: inconsistent state");
-  std::copy(s.obs.begin(), s.obs.end(), obs_.begin());
-  std::copy(s.act.begin(), s.act.end(), act_.begin());
-  std::copy(s.rew.begin(), s.rew.end(), rew_.begin());
-  std::copy(s.sim.begin(), s.sim.end(), sim_.begin());
+  write_steps(0, s.obs.data(), s.act.data(), s.rew.data(), s.sim.data(), n);
   tail_ = 0;
   n_ = n;
   ep_id_ = s.episode_ids;

@@ -7,6 +7,8 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -91,9 +93,18 @@ class TrajectoryBufferCore {
   void check_open_row() const;
 
   int64_t O_, A_, S_, C_, D_;
-  // Ring of C transitions.
-  std::vector<float> obs_, act_, rew_;
-  std::vector<double> sim_;
+  // Ring of C transitions, one interleaved record per step (array of structs):
+  //   [obs f32 x O | act f32 x A | rew f32 | pad to 8 bytes | sim f64 x S]
+  // so a window of H steps is ONE contiguous byte range: one TLB miss and one memory stream per window instead of
+  // four (the gather is memory-latency bound on a 1M-step ring).
+  struct FreeDeleter {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<double[], FreeDeleter> ring_;  // calloc: untouched pages cost nothing until written
+  int64_t row_ = 0;     // record stride in doubles
+  int64_t sim_off_ = 0;  // offset of the sim state inside a record, in doubles
+  float* frow(int64_t p) const { return reinterpret_cast<float*>(ring_.get() + p * row_); }
+  double* srow(int64_t p) const { return ring_.get() + p * row_ + sim_off_; }
   int64_t tail_ = 0, n_ = 0;
   // Episode table: FIFO over rows e0_..e0_+E_-1 (oldest first); compacted when the dead prefix dominates.
   std::vector<int64_t> ep_id_, ep_start_, ep_len_;

@@ -535,3 +535,25 @@ def test_fallback_without_native_warns_once():
     env = dict(os.environ, POLYGRAD_FAST_NO_NATIVE="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+@pytest.mark.skipif(not _native.native_available(), reason=f"native extension unavailable: {_native.native_error()}")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_native_parallel_gather_survives_fork():
+    # The helper threads do not exist in a forked child; the gather must still complete there (serially).
+    buf = TrajectoryBuffer(11, 3, 58, 20_000, backend="native")
+    for i in range(20):
+        buf.add_episode(*episode(900, i, 11, 3, 58), terminated=bool(i % 2), truncated=not i % 2)
+    want = buf.sample_windows(1024, 10, seed=1)  # big enough for the threaded path; starts the helpers
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            got = buf.sample_windows(1024, 10, seed=1)
+            ok = torch.equal(got.observations, want.observations) and torch.equal(got.sim_states, want.sim_states)
+            os.write(w, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(r, 1) == b"1" and status == 0
