@@ -35,7 +35,8 @@ def _step_inputs(batch, horizon):
     return dict(x=randn(batch, horizon, D), x0=randn(batch, horizon, D), start=randn(batch, O),
                 obs_mean=randn(O), obs_scale=randn(O).abs() + 0.5, act=randn(batch, horizon, A),
                 pmean=randn(batch, horizon, A).tanh(), pstd=torch.full((A,), 0.5, device=dev), act_mean=randn(A),
-                act_scale=randn(A).abs() + 0.5, state_noise=randn(batch, horizon, D), act_noise=randn(batch, horizon, A),
+                act_scale=randn(A).abs() + 0.5, state_noise=randn(batch, horizon, D),
+                act_noise=randn(batch, horizon, A),
                 table=NoiseSchedule(128).step_table(device=dev), w=torch.tensor(0.01, device=dev),
                 seed=torch.tensor(1, device=dev))
 

@@ -46,7 +46,8 @@ def _guided_state_update_kernel(
 
     obs = cols < O
     guide = x0 if RECON_GUIDE else mean
-    guide = guide * tl.load(obs_scale_ptr + cols, mask=obs).to(tl.float32) + tl.load(obs_mean_ptr + cols, mask=obs).to(tl.float32)
+    obs_scale = tl.load(obs_scale_ptr + cols, mask=obs).to(tl.float32)
+    guide = guide * obs_scale + tl.load(obs_mean_ptr + cols, mask=obs).to(tl.float32)
     tl.store(guide_ptr + rows * O + cols, guide.to(guide_ptr.dtype.element_ty), mask=row_ok & obs)
 
 
@@ -60,8 +61,9 @@ def _launch_args(x, x0_pred, start_obs, t, step_table, obs_mean, obs_scale, clip
     B, H, D = x.shape
     O = start_obs.shape[-1]
     if start_obs.shape != (B, O) or O > D or obs_mean.shape != (O,) or obs_scale.shape != (O,):
-        raise ValueError(f"start_obs must be [B,O] with O <= D and obs stats [O]; got x {tuple(x.shape)}, start_obs "
-                         f"{tuple(start_obs.shape)}, obs_mean {tuple(obs_mean.shape)}, obs_scale {tuple(obs_scale.shape)}")
+        raise ValueError(f"start_obs must be [B,O] with O <= D and obs stats [O]; got x {tuple(x.shape)}, "
+                         f"start_obs {tuple(start_obs.shape)}, obs_mean {tuple(obs_mean.shape)}, "
+                         f"obs_scale {tuple(obs_scale.shape)}")
     if step_table.dim() != 2 or step_table.shape[1] != 4 or not 0 <= t < step_table.shape[0]:
         raise ValueError(f"need step_table [T,4] and 0 <= t < T, got {tuple(step_table.shape)} and t={t}")
     if noise is not None and seed is not None:

@@ -34,21 +34,22 @@ def launch_variants():
         x = torch.zeros(B, H, O + 2, dtype=dtype)
         act = torch.zeros(B, H, A, dtype=dtype)
         obs, one_a = torch.zeros(O), torch.ones(A)
+        dn = str(dtype).removeprefix("torch.")
         # bf16 goes through the default variant of each kernel; fp32 through all of them.
         for sfg in ("recon", "posterior_mean") if dtype == torch.float32 else ("recon",):
             for noise, seed in ((x, None), (None, 3)):
-                grid, args = ks._launch_args(x, x, x[:, 0, :O], 4, table, obs, obs, 0.5, noise, sfg, seed)
-                yield f"state_update/{sfg}/seed={seed}/{str(dtype).removeprefix('torch.')}", ks._guided_state_update_kernel, args
+                _, args = ks._launch_args(x, x, x[:, 0, :O], 4, table, obs, obs, 0.5, noise, sfg, seed)
+                yield f"state_update/{sfg}/seed={seed}/{dn}", ks._guided_state_update_kernel, args
         for gtype in ("grad", "sample", "none") if dtype == torch.float32 else ("grad",):
             for noise, seed in ((act, None), (None, 3)):
-                grid, args = ka._launch_args(act, act, one_a, one_a, one_a, 4, table, 1.0, 2.0, noise, 1.0, gtype,
-                                             seed)
-                yield f"action_update/{gtype}/seed={seed}/{str(dtype).removeprefix('torch.')}", ka._guided_action_update_kernel, args
+                _, args = ka._launch_args(act, act, one_a, one_a, one_a, 4, table, 1.0, 2.0, noise, 1.0, gtype,
+                                          seed)
+                yield f"action_update/{gtype}/seed={seed}/{dn}", ka._guided_action_update_kernel, args
         steps = torch.zeros(B, dtype=torch.int64)
         for noise, seed in ((x, None), (None, 3)):
             for scale in (0.0, 0.5) if dtype == torch.float32 else (0.5,):
-                grid, args = kq._launch_args(x, act, steps, sa, s1, noise, None if seed else act, scale, O, seed)
-                yield f"q_sample/scale={scale}/seed={seed}/{str(dtype).removeprefix('torch.')}", kq._q_sample_kernel, args
+                _, args = kq._launch_args(x, act, steps, sa, s1, noise, None if seed else act, scale, O, seed)
+                yield f"q_sample/scale={scale}/seed={seed}/{dn}", kq._q_sample_kernel, args
 
 
 def signature(kernel, args):
