@@ -19,6 +19,9 @@ from polygrad_fast.schedule import NoiseSchedule
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 O, A = 5, 3
+# Graph replay vs eager: the same kernels on the same data, but cuBLAS may pick another (e.g. split-K) algorithm
+# on the capture stream; wrong noise, seeds or buffers show up as O(1) differences, far outside this.
+GRAPH_TOL = dict(atol=1e-2, rtol=1e-2)
 
 
 def make_sampler(device, horizon=3, n_steps=4, hidden=32, backend="torch", **options):
@@ -119,8 +122,8 @@ def test_graph_replay_equals_eager_loop():
     g = torch.tensor(0.5, device="cuda")
     x, a, _ = runner.sample(start, 3, g, seed=9)
     x_eager, a_eager, _ = run_loop(sampler, start, seed=9)
-    torch.testing.assert_close(x, x_eager, atol=0, rtol=0)
-    torch.testing.assert_close(a, a_eager, atol=0, rtol=0)
+    torch.testing.assert_close(x, x_eager, **GRAPH_TOL)
+    torch.testing.assert_close(a, a_eager, **GRAPH_TOL)
     x_again, _, _ = runner.sample(start, 3, g, seed=9)  # replay of the cached graph
     torch.testing.assert_close(x_again, x, atol=0, rtol=0)
     runner.sample(torch.randn(2, O, device="cuda"), 3, g, seed=9)
@@ -140,7 +143,7 @@ def test_graph_follows_guidance_scale_and_weights_without_recapture():
             p.mul_(0.5)
     x3, _, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
     x3_eager, _, _ = run_loop(sampler, start, seed=3)
-    torch.testing.assert_close(x3, x3_eager, atol=0, rtol=0)
+    torch.testing.assert_close(x3, x3_eager, **GRAPH_TOL)
     assert len(runner._graphs) == 1
 
 
