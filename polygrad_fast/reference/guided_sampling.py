@@ -80,6 +80,8 @@ def reference_action_step(
     actions, noise [B,H,A] normalised; guide_states_raw [B,H,O]. Returns (new normalised actions [B,H,A],
     the guided raw actions before noise [B,H,A] for S7 or None when there is no gradient step).
     """
+    if t == 0 and clip_std is None:
+        return actions, None  # S5: the last step only clips
     a = normalizer.unnormalize(actions, "actions")
     if t == 0 or guidance_type == "grad":
         with torch.no_grad():

@@ -1,0 +1,132 @@
+"""The schedule tables against an independent float64 numpy computation, and the paper-style samplers' behaviour."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from polygrad_fast.reference.guided_sampling import SamplerNoise, action_conditioned_sample, guided_sample
+from polygrad_fast.schedule import STEP_TABLE_COLUMNS, NoiseSchedule
+from test_sampler import A, O, make_setup
+
+
+def numpy_tables(T, tau):
+    """polygrad-reference.md G2/G3, float64, written from the formulas (no polygrad_fast code)."""
+    s = np.linspace(0.0, 1.0, T + 1)
+    f = np.cos(s * np.pi / 2) ** (2 * tau)
+    v_start, v_end = 1.0, np.cos(np.pi / 2) ** (2 * tau)
+    out = (v_end - f) / (v_end - v_start)
+    betas = np.clip(1 - out[1:] / out[:-1], 0, 0.999)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    var = betas * (1 - abar_prev) / (1 - abar)
+    logvar = np.log(np.maximum(var, 1e-20))
+    return {
+        "betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,
+        "sqrt_alphas_cumprod": np.sqrt(abar), "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - abar),
+        "posterior_variance": var, "posterior_log_variance_clipped": logvar,
+        "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1 - abar),
+        "posterior_mean_coef2": (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar),
+        "posterior_std": np.exp(0.5 * logvar),
+    }
+
+
+@pytest.mark.parametrize("T,tau", [(128, 1.0), (128, 0.1), (17, 0.5), (1, 1.0)])
+def test_schedule_tables_match_numpy_float64(T, tau):
+    schedule = NoiseSchedule(T, tau)
+    for name, want in numpy_tables(T, tau).items():
+        got = getattr(schedule, name)
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-15, err_msg=name)
+    table = schedule.step_table()
+    assert table.shape == (T, 4) and table.dtype == torch.float32
+    for i, name in enumerate(STEP_TABLE_COLUMNS):
+        np.testing.assert_allclose(table[:, i].numpy(), numpy_tables(T, tau)[name], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau,expected", [(1.0, [0.9999, 0.919, 0.698, 0.371, 0.0004]),
+                                          (0.1, [1.0, 0.992, 0.965, 0.906, 0.020])])
+def test_schedule_spot_values(tau, expected):
+    """sqrt(abar_t) at t = 0, 32, 64, 96, 127 for T = 128 (polygrad-reference.md G2, quoted to 3-4 digits)."""
+    got = numpy_tables(128, tau)["sqrt_alphas_cumprod"][[0, 32, 64, 96, 127]]
+    np.testing.assert_allclose(got, expected, atol=6e-4)
+    np.testing.assert_allclose(NoiseSchedule(128, tau).sqrt_alphas_cumprod[[0, 32, 64, 96, 127]].numpy(), got)
+    assert NoiseSchedule(128, tau).betas[-1] == pytest.approx(0.999)
+
+
+class Recorder(nn.Module):
+    """Wraps a denoiser and records (t, actions) of every call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+        self.horizon = inner.horizon
+
+    def forward(self, x, actions, t):
+        self.calls.append((t.clone(), actions.clone()))
+        return self.inner(x, actions, t)
+
+
+def test_guided_sample_feeds_scaled_actions_and_imposes_first_obs():
+    denoiser, schedule, policy, norm = make_setup(n_steps=12)
+    rec = Recorder(denoiser)
+    start = torch.randn(4, O)
+    noise = SamplerNoise.draw(12, 4, 10, O + 2, A, generator=torch.Generator().manual_seed(0))
+    x, actions, metrics = guided_sample(rec, schedule, policy, norm, start, horizon=10, guidance_type="none",
+                                        clip_std=None, noise=noise)
+    assert [int(c[0][0]) for c in rec.calls] == list(range(11, -1, -1))
+    sqrt_abar = schedule.step_table()[:, 0]
+    for t, a in rec.calls:
+        torch.testing.assert_close(a, sqrt_abar[t[0]] * noise.a_T)  # S1: sqrt(abar_t)·a, no noise (Q12)
+    assert torch.equal(actions, noise.a_T)  # 'none' without clip: actions stay the initial noise (Q4)
+    torch.testing.assert_close(x[:, 0, :O], start)
+    assert metrics["max_change"] <= 0.25 + 1e-6
+
+
+def test_last_step_adds_no_noise_and_clips_actions_only():
+    denoiser, schedule, policy, norm = make_setup(n_steps=6)
+    start = torch.randn(5, O)
+    noise = SamplerNoise.draw(6, 5, 10, O + 2, A, generator=torch.Generator().manual_seed(1))
+    other = SamplerNoise(noise.x_T, noise.a_T, noise.state.clone(), noise.action.clone())
+    other.state[0].normal_()
+    other.action[0].normal_()
+    x1, a1, _ = guided_sample(denoiser, schedule, policy, norm, start, horizon=10, noise=noise, guidance_scale=0.1)
+    x2, a2, _ = guided_sample(denoiser, schedule, policy, norm, start, horizon=10, noise=other, guidance_scale=0.1)
+    assert torch.equal(x1, x2) and torch.equal(a1, a2)
+    # 'none' with clip_std: the initial actions, clamped at t = 0 to the policy mean ± clip_std·std of the
+    # recon guide states of that step (the denoiser's x0 at t = 0 with the first observation imposed)
+    captured = {}
+    handle = denoiser.register_forward_hook(
+        lambda mod, args, out: captured.update(x0=out.clone()) if int(args[2][0]) == 0 else None)
+    _, a, _ = guided_sample(denoiser, schedule, policy, norm, start, horizon=10, noise=noise, guidance_type="none",
+                            clip_std=0.5)
+    handle.remove()
+    x0 = captured["x0"]
+    x0[:, 0, :O] = start
+    with torch.no_grad():
+        mean, std = policy(norm.unnormalize(x0[..., :O], "observations"))
+    raw_a, raw_init = norm.unnormalize(a, "actions"), norm.unnormalize(noise.a_T, "actions")
+    torch.testing.assert_close(raw_a, torch.clamp(raw_init, mean - 0.5 * std, mean + 0.5 * std))
+    assert not torch.equal(a, noise.a_T)
+
+
+def test_action_conditioned_sample():
+    denoiser, schedule, _, _ = make_setup(n_steps=8)
+    rec = Recorder(denoiser)
+    start, actions = torch.randn(3, O), torch.randn(3, 10, A)
+    noise = SamplerNoise.draw(8, 3, 10, O + 2, A, generator=torch.Generator().manual_seed(2))
+    x = action_conditioned_sample(rec, schedule, start, actions, noise=noise)
+    table = schedule.step_table()
+    for t, a in rec.calls:
+        torch.testing.assert_close(a, table[t[0], 0] * actions)  # given actions, scaled, every step
+    # manual chain: posterior mean of the raw x0 (not re-conditioned, not clipped), noise except at t = 0
+    xm = noise.x_T.clone()
+    xm[:, 0, :O] = start
+    for t in reversed(range(8)):
+        x0 = denoiser(xm, table[t, 0] * actions, torch.full((3,), t))
+        xm = table[t, 1] * x0 + table[t, 2] * xm + (table[t, 3] * noise.state[t] if t > 0 else 0)
+        xm[:, 0, :O] = start
+    torch.testing.assert_close(x, xm)
+    # generator path is reproducible
+    g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
+    assert torch.equal(action_conditioned_sample(denoiser, schedule, start, actions, generator=g()),
+                       action_conditioned_sample(denoiser, schedule, start, actions, generator=g()))
