@@ -81,6 +81,9 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_buffer_native, m) {
   m.doc() = "Native core of polygrad_fast.TrajectoryBuffer (use polygrad_fast.buffer, not this module)";
+  m.def("gather_threads", &pgf::gather_threads, "Threads (caller included) used by large window gathers.");
+  m.def("set_gather_threads", &pgf::set_gather_threads, py::arg("n"),
+        "Set the threads used by large window gathers (1 = serial); like torch.set_num_threads.");
   m.def("build_info", &build_info, "How this extension was built: compiler, flags, OpenMP/threads, CUDA variant, version.");
 
   py::class_<TrajectoryBufferCore>(m, "BufferCore")

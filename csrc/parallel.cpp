@@ -18,6 +18,8 @@ namespace {
 struct Job {
   std::function<void(int64_t)> fn;
   int64_t n = 0;
+  int helpers_allowed = 0;
+  std::atomic<int> helpers_joined{0};
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
@@ -33,14 +35,17 @@ void work(Job& j) {
 
 class Pool {
  public:
-  explicit Pool(int helpers) : pid_(getpid()) {
-    for (int i = 0; i < helpers; ++i) std::thread([this] { loop(); }).detach();  // lives until process exit
-  }
+  Pool() : pid_(getpid()) {}
 
-  void run(int64_t n, const std::function<void(int64_t)>& fn) {
+  void run(int64_t n, int helpers, const std::function<void(int64_t)>& fn) {
     auto job = std::make_shared<Job>();
     job->fn = fn;
     job->n = n;
+    job->helpers_allowed = helpers;
+    if (getpid() == pid_) {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (; started_ < helpers; ++started_) std::thread([this] { loop(); }).detach();  // live until exit
+    }
     if (getpid() == pid_) {  // after fork() the helpers do not exist in the child: just run serially
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -68,7 +73,7 @@ class Pool {
         seen = generation_;
         job = job_;  // keeps the Job alive even if the caller already returned
       }
-      if (job) work(*job);
+      if (job && job->helpers_joined.fetch_add(1) < job->helpers_allowed) work(*job);
     }
   }
 
@@ -77,12 +82,17 @@ class Pool {
   std::condition_variable cv_;
   std::shared_ptr<Job> job_;
   uint64_t generation_ = 0;
+  int started_ = 0;
 };
+
+std::atomic<int> g_threads{0};  // 0 = not decided yet
 
 }  // namespace
 
 int gather_threads() {
-  static const int n = [] {
+  int n = g_threads.load();
+  if (n > 0) return n;
+  n = [] {
     if (const char* env = std::getenv("POLYGRAD_FAST_BUFFER_THREADS")) {
       const int v = std::atoi(env);
       if (v >= 1) return std::min(v, 64);
@@ -90,17 +100,22 @@ int gather_threads() {
     const unsigned hc = std::thread::hardware_concurrency();
     return static_cast<int>(std::clamp<unsigned>(hc == 0 ? 1 : hc, 1, 8));
   }();
-  return n;
+  int expected = 0;
+  g_threads.compare_exchange_strong(expected, n);
+  return g_threads.load();
 }
+
+void set_gather_threads(int n) { g_threads.store(std::clamp(n, 1, 64)); }
 
 void run_chunks(int64_t n_chunks, const std::function<void(int64_t)>& fn) {
   if (n_chunks <= 0) return;
-  if (gather_threads() <= 1 || n_chunks == 1) {
+  const int threads = gather_threads();
+  if (threads <= 1 || n_chunks == 1) {
     for (int64_t c = 0; c < n_chunks; ++c) fn(c);
     return;
   }
-  static Pool* pool = new Pool(gather_threads() - 1);  // never destroyed: detached helpers outlive statics
-  pool->run(n_chunks, fn);
+  static Pool* pool = new Pool();  // never destroyed: detached helpers outlive statics
+  pool->run(n_chunks, threads - 1, fn);
 }
 
 }  // namespace pgf

@@ -12,9 +12,10 @@
 
 namespace pgf {
 
-// Number of threads used for large gathers (caller included): POLYGRAD_FAST_BUFFER_THREADS if set, else the
-// hardware concurrency, capped at 8.
+// Number of threads used for large gathers (caller included): set_gather_threads(n) if called, else
+// POLYGRAD_FAST_BUFFER_THREADS if set, else the hardware concurrency, capped at 8.
 int gather_threads();
+void set_gather_threads(int n);  // n >= 1; 1 = serial
 
 // Runs fn(0..n_chunks-1), each exactly once, on the calling thread plus available helpers; returns when all ran.
 void run_chunks(int64_t n_chunks, const std::function<void(int64_t)>& fn);

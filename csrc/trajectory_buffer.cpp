@@ -396,14 +396,30 @@ void TrajectoryBufferCore::sample(int64_t B, int64_t H, uint64_t seed, bool norm
   // Phase 2: the gather, one contiguous run of records per window (modulo the wrap). Memory-bandwidth bound; large
   // batches are split into chunks of windows shared with helper threads (parallel.hpp).
   const int64_t window_bytes = H * (4 * (O + A + 2) + 8 * S);
+  // Prefetch the records of the window two iterations ahead (measured ~5% on a 1M-step ring; the rest of the time
+  // is DRAM bandwidth).
+  constexpr int64_t kAhead = 2;
+  const char* ring_end = reinterpret_cast<const char*>(ring_.get() + C * row_);
   auto gather = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
+      if (b + kAhead < b1) {
+        const Win& w2 = wins[b + kAhead];
+        const int64_t s2 = std::min(w2.s, w2.L - 1);
+        int64_t p2 = w2.st + s2;
+        if (p2 >= C) p2 -= C;
+        const char* base = reinterpret_cast<const char*>(ring_.get() + p2 * row_);
+        const int64_t nb = std::min(H, w2.L - s2) * row_ * 8;
+        for (int64_t off = 0; off < nb && base + off < ring_end; off += 64) __builtin_prefetch(base + off, 0, 3);
+      }
       const Win& w = wins[b];
       const int64_t L = w.L, s = w.s, st = w.st;
       for (int64_t t = 0; t < H; ++t) {
         const int64_t step = s + t;
         const bool inside = step < L;
-        const int64_t p = (st + (inside ? step : L - 1)) % C;  // padding repeats the last stored step
+        // Ring index (st + step) mod C; st < C and step < L <= C, so one conditional subtraction is the modulo
+        // (an integer division per record was measurable here). Padding repeats the last stored step.
+        int64_t p = st + (inside ? step : L - 1);
+        if (p >= C) p -= C;
         const int64_t o = b * H + t;
         const float* f = frow(p);
         float* d = out.obs + o * O;
