@@ -718,6 +718,12 @@ def _check_state_dict(state: dict) -> dict:
                          f"and capacity {C}")
     if bool(sd["open_episode"]) and E == 0:
         raise ValueError("state: open episode flagged but no episode stored")
+    closed = int(lens[: E - 1].sum()) if bool(sd["open_episode"]) else n
+    if int(sd["agg_n"]) != closed:
+        raise ValueError(f"state: statistics cover {int(sd['agg_n'])} steps, closed episodes hold {closed}")
+    ids = sd["episode_ids"]
+    if E and (np.any(np.diff(ids) <= 0) or int(ids[-1]) >= int(sd["next_episode_id"])):
+        raise ValueError("state: episode ids must increase and stay below next_episode_id")
     return sd
 
 
