@@ -557,3 +557,21 @@ def test_native_parallel_gather_survives_fork():
     os.close(w)
     _, status = os.waitpid(pid, 0)
     assert os.read(r, 1) == b"1" and status == 0
+
+
+@pytest.mark.skipif(not _native.native_available(), reason=f"native extension unavailable: {_native.native_error()}")
+def test_native_output_blocks_never_alias_live_batches():
+    # Windows are zero-copy views of arrays the native core filled; a batch still referenced (even only through
+    # one tensor) must never be overwritten by a later call.
+    buf = TrajectoryBuffer(O, A, S, 5000, backend="native")
+    for i in range(10):
+        buf.add_episode(*episode(400, i), terminated=True, truncated=False)
+    keep = buf.sample_windows(1024, 50, seed=1)
+    obs_only = buf.sample_windows(1024, 50, seed=2).observations  # the rest of that batch is dropped
+    copies = keep.observations.clone(), keep.sim_states.clone(), obs_only.clone()
+    for seed in range(3, 8):
+        buf.sample_windows(1024, 50, seed=seed)
+    torch.testing.assert_close(keep.observations, copies[0], rtol=0, atol=0)
+    torch.testing.assert_close(keep.sim_states, copies[1], rtol=0, atol=0)
+    torch.testing.assert_close(obs_only, copies[2], rtol=0, atol=0)
+    keep.observations.add_(1.0)  # outputs are writable
