@@ -15,8 +15,8 @@ from polygrad_fast import _native
 from polygrad_fast.buffer import TrajectoryBuffer
 from polygrad_fast.reference.buffer import window_draws
 
-pytestmark = pytest.mark.skipif(not _native.native_available(),
-                                reason=f"native extension unavailable: {_native.native_error()}")
+needs_native = pytest.mark.skipif(not _native.native_available(),
+                                  reason=f"native extension unavailable: {_native.native_error()}")
 
 SETTINGS = settings(max_examples=200, derandomize=True, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -81,6 +81,7 @@ def build(layout, backend):
     return buf
 
 
+@needs_native
 @SETTINGS
 @given(layouts())
 def test_native_matches_numpy_exactly(layout):
@@ -124,6 +125,7 @@ def test_rng_reference_values():
     assert window_draws(2**64 - 1, 2).dtype == np.uint64
 
 
+@needs_native
 def test_large_batch_parallel_path_matches():
     # Big enough for the OpenMP path (>= 1 MB of output) on the native side.
     nat, ref = (TrajectoryBuffer(11, 3, 58, 20_000, backend=b) for b in ("native", "numpy"))
