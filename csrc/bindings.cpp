@@ -84,7 +84,8 @@ PYBIND11_MODULE(_buffer_native, m) {
   m.def("gather_threads", &pgf::gather_threads, "Threads (caller included) used by large window gathers.");
   m.def("set_gather_threads", &pgf::set_gather_threads, py::arg("n"),
         "Set the threads used by large window gathers (1 = serial); like torch.set_num_threads.");
-  m.def("build_info", &build_info, "How this extension was built: compiler, flags, OpenMP/threads, CUDA variant, version.");
+  m.def("build_info", &build_info,
+        "How this extension was built: compiler, flags, OpenMP/threads, CUDA variant, version.");
 
   py::class_<TrajectoryBufferCore>(m, "BufferCore")
       .def(py::init<int64_t, int64_t, int64_t, int64_t>(), py::arg("obs_dim"), py::arg("act_dim"),

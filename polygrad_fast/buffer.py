@@ -8,6 +8,9 @@ Storage is a ring of ``capacity`` transitions holding whole episodes contiguousl
 are evicted. Per-field normalisation statistics are maintained incrementally as data is added and evicted.
 The semantics are specified (and implemented in numpy) by polygrad_fast.reference.buffer; the native core in csrc/
 produces bit-identical windows and statistics for the same seed.
+
+Large gathers use the calling thread plus helper threads (POLYGRAD_FAST_BUFFER_THREADS, default: all cores, or
+``polygrad_fast._native.native().set_gather_threads(n)`` at run time); the result does not depend on the count.
 """
 from __future__ import annotations
 

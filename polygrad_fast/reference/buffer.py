@@ -88,7 +88,7 @@ def _fmt_shape(shape) -> str:
 
 
 def _check_array(name: str, x: Any, dtype, shape: tuple) -> np.ndarray:
-    """Return ``x`` as a C-contiguous array of ``dtype`` with ``shape`` (None = free length), or raise naming ``name``."""
+    """``x`` as a C-contiguous ``dtype`` array of ``shape`` (None = free length), or an error naming ``name``."""
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     try:
