@@ -95,8 +95,8 @@ class TrajectoryBufferCore {
   int64_t O_, A_, S_, C_, D_;
   // Ring of C transitions, one interleaved record per step (array of structs):
   //   [obs f32 x O | act f32 x A | rew f32 | pad to 8 bytes | sim f64 x S]
-  // so a window of H steps is ONE contiguous byte range: one TLB miss and one memory stream per window instead of
-  // four (the gather is memory-latency bound on a 1M-step ring).
+  // so a window of H steps is ONE contiguous byte range: one memory stream per window instead of four. On a
+  // 1M-step Hopper ring the gather runs at the single-core memory bandwidth (~9 GB/s here, measured).
   struct FreeDeleter {
     void operator()(void* p) const { std::free(p); }
   };
