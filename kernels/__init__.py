@@ -1,11 +1,12 @@
 """Fused Triton kernels of the guided reverse step and of training-time noising, one op per module.
 
-Each public function has the signature of its twin in ``polygrad_fast.reference.step_ops`` plus an optional
-``seed`` for in-kernel Philox noise. Importing this package decorates the kernels: to run them under the Triton
-interpreter (no GPU), set ``TRITON_INTERPRET=1`` before the first import.
+Each public function has the signature of its twin in ``polygrad_fast.reference.step_ops`` plus optional in-kernel
+Philox noise (``seed``; the row-level ops also take the ``step`` index for the noise counter). Importing this
+package decorates the kernels: to run them under the Triton interpreter (no GPU), set ``TRITON_INTERPRET=1``
+before the first import.
 """
-from .guided_action_update import guided_action_update
-from .guided_state_update import guided_state_update
+from .guided_action_update import action_update_at, guided_action_update
+from .guided_state_update import guided_state_update, state_update_at
 from .q_sample import q_sample
 
-__all__ = ["guided_state_update", "guided_action_update", "q_sample"]
+__all__ = ["guided_state_update", "state_update_at", "guided_action_update", "action_update_at", "q_sample"]

@@ -1,7 +1,8 @@
-"""Kernel B: the action half of one guided reverse step in one pass (twin: ``reference.step_ops.guided_action_update``).
+"""Kernel B: the action half of one guided reverse step in one pass.
 
-Tile: [BLOCK_R rows of B*H, BLOCK_A >= A columns]; math in fp32. Closed-form guidance for the Normal policy:
-d/da log N(a; mean, std) = (mean - a) / std^2, no autograd.
+Twins: ``reference.step_ops.guided_action_update`` (step t) and ``action_update_at`` (t resolved by the caller into
+the coefficient row and ``last``). Tile: [BLOCK_R rows of B*H, BLOCK_A >= A columns]; math in fp32. Closed-form
+guidance for the Normal policy: d/da log N(a; mean, std) = (mean - a) / std^2, no autograd.
 """
 from __future__ import annotations
 
@@ -10,15 +11,16 @@ import triton
 import triton.language as tl
 
 from ..reference.step_ops import GUIDANCE_TYPES
-from ._common import ACTION_STREAM, check_same_device, device_scalar, row_block, rows_per_program, standard_normal
+from ._common import (ACTION_STREAM, check_noise_source, check_same_device, check_step, device_scalar, row_block,
+                      rows_per_program, standard_normal)
 
-_GRAD, _SAMPLE, _NONE = (tl.constexpr(GUIDANCE_TYPES.index(g)) for g in ("grad", "sample", "none"))
+_GRAD, _NONE = (tl.constexpr(GUIDANCE_TYPES.index(g)) for g in ("grad", "none"))
 
 
 @triton.jit
 def _guided_action_update_kernel(
-    act_ptr, pmean_ptr, pstd_ptr, act_mean_ptr, act_scale_ptr, table_ptr, w_ptr, noise_ptr, seed_ptr, out_ptr,
-    n_rows, A, pmean_row_stride, pstd_row_stride, t, clip_std, clip_on, guide_on, noise_scale,
+    act_ptr, pmean_ptr, pstd_ptr, act_mean_ptr, act_scale_ptr, coef_ptr, w_ptr, noise_ptr, seed_ptr, out_ptr,
+    n_rows, A, pmean_row_stride, pstd_row_stride, step, clip_std, clip_on, guide_on, noise_scale,
     GUIDANCE: tl.constexpr, PHILOX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     rows, row_ok = row_block(n_rows, BLOCK_R)
@@ -38,12 +40,12 @@ def _guided_action_update_kernel(
     out = tl.math.div_rn(clipped - am, asc)  # t = 0: clamp only, whatever the guidance type
     if GUIDANCE != _NONE:
         if PHILOX:
-            z = standard_normal(tl.load(seed_ptr), t, idx, ACTION_STREAM)
+            z = standard_normal(tl.load(seed_ptr), step, idx, ACTION_STREAM)
         else:
             z = tl.load(noise_ptr + idx, mask=mask & guide_on).to(tl.float32)
         if GUIDANCE == _GRAD:
             w = tl.load(w_ptr).to(tl.float32)
-            sigma = tl.load(table_ptr + 4 * t + 3).to(tl.float32)
+            sigma = tl.load(coef_ptr + 3).to(tl.float32)
             guided = clipped + tl.math.div_rn(w * (pm - clipped), ps * ps)
             moved = tl.math.div_rn(guided - am, asc) + (noise_scale * sigma) * z
         else:
@@ -60,8 +62,8 @@ def _rows_of(p: torch.Tensor, B: int, H: int, A: int) -> torch.Tensor:
     return p if p.stride(1) == 1 else p.contiguous()
 
 
-def _launch_args(actions, policy_mean, policy_std, act_mean, act_scale, t, step_table, guidance_scale, clip_std,
-                 noise, action_noise_scale, guidance_type, seed):
+def _launch_args(actions, policy_mean, policy_std, act_mean, act_scale, coef, guidance_scale, clip_std, noise,
+                 action_noise_scale, guidance_type, last, seed, step):
     """(grid, kernel arguments) of one launch; split from the launch so the AOT build test sees the real variants."""
     if guidance_type not in GUIDANCE_TYPES:
         raise ValueError(f"guidance_type must be one of {GUIDANCE_TYPES}, got {guidance_type!r}")
@@ -70,21 +72,17 @@ def _launch_args(actions, policy_mean, policy_std, act_mean, act_scale, t, step_
     B, H, A = actions.shape
     if act_mean.shape != (A,) or act_scale.shape != (A,):
         raise ValueError(f"act_mean/act_scale must be [{A}], got {tuple(act_mean.shape)}, {tuple(act_scale.shape)}")
-    if step_table.dim() != 2 or step_table.shape[1] != 4 or not 0 <= t < step_table.shape[0]:
-        raise ValueError(f"need step_table [T,4] and 0 <= t < T, got {tuple(step_table.shape)} and t={t}")
-    if noise is not None and seed is not None:
-        raise ValueError("pass either noise or seed, not both")
-    needs_noise = t > 0 and guidance_type != "none"
-    if needs_noise and noise is None and seed is None:
-        raise ValueError(f"guidance_type {guidance_type!r} at t > 0 needs noise or a seed")
-    if noise is not None and noise.shape != actions.shape:
-        raise ValueError(f"noise must be {tuple(actions.shape)}, got {tuple(noise.shape)}")
+    if coef.shape != (4,):
+        raise ValueError(f"coef must be one step-table row [4], got {tuple(coef.shape)}")
+    check_noise_source(noise, seed, step, actions.shape)
+    moves = not last and guidance_type != "none"  # the update reads noise
+    if moves and noise is None and seed is None:
+        raise ValueError(f"guidance_type {guidance_type!r} before the last step needs noise or a seed")
     device = check_same_device(actions=actions, policy_mean=policy_mean, policy_std=policy_std, act_mean=act_mean,
-                               act_scale=act_scale, step_table=step_table,
-                               **({} if noise is None else {"noise": noise}))
-    actions, act_mean, act_scale, step_table = (v.contiguous() for v in (actions, act_mean, act_scale, step_table))
+                               act_scale=act_scale, coef=coef, **({} if noise is None else {"noise": noise}))
+    actions, act_mean, act_scale, coef = (v.contiguous() for v in (actions, act_mean, act_scale, coef))
     pmean, pstd = _rows_of(policy_mean, B, H, A), _rows_of(policy_std, B, H, A)
-    philox = seed is not None and needs_noise
+    philox = seed is not None and moves
     # Pointers that the chosen variant never reads get a harmless stand-in.
     seed_t = device_scalar(seed, device, torch.int64) if philox else actions
     noise = noise.contiguous() if noise is not None else actions
@@ -95,13 +93,44 @@ def _launch_args(actions, policy_mean, policy_std, act_mean, act_scale, t, step_
     block_r = rows_per_program(B * H, block_a)
     args = dict(
         act_ptr=actions, pmean_ptr=pmean, pstd_ptr=pstd, act_mean_ptr=act_mean, act_scale_ptr=act_scale,
-        table_ptr=step_table, w_ptr=w, noise_ptr=noise, seed_ptr=seed_t, out_ptr=out,
-        n_rows=B * H, A=A, pmean_row_stride=pmean.stride(0), pstd_row_stride=pstd.stride(0), t=t,
-        clip_std=0.0 if clip_std is None else float(clip_std), clip_on=clip_std is not None, guide_on=t > 0,
+        coef_ptr=coef, w_ptr=w, noise_ptr=noise, seed_ptr=seed_t, out_ptr=out,
+        n_rows=B * H, A=A, pmean_row_stride=pmean.stride(0), pstd_row_stride=pstd.stride(0),
+        step=0 if step is None else step,
+        clip_std=0.0 if clip_std is None else float(clip_std), clip_on=clip_std is not None, guide_on=not last,
         noise_scale=float(action_noise_scale),
         GUIDANCE=GUIDANCE_TYPES.index(guidance_type), PHILOX=philox, BLOCK_R=block_r, BLOCK_A=block_a,
     )
     return (triton.cdiv(B * H, block_r),), args
+
+
+def action_update_at(
+    actions: torch.Tensor,
+    policy_mean: torch.Tensor,
+    policy_std: torch.Tensor,
+    act_mean: torch.Tensor,
+    act_scale: torch.Tensor,
+    coef: torch.Tensor,
+    guidance_scale: float | torch.Tensor,
+    clip_std: float | None,
+    noise: torch.Tensor | None,
+    action_noise_scale: float,
+    guidance_type: str,
+    last: bool,
+    *,
+    seed: int | torch.Tensor | None = None,
+    step: int | None = None,
+) -> torch.Tensor:
+    """Fused ``reference.step_ops.action_update_at``: the new normalised actions [B,H,A] (actions' dtype).
+
+    coef = step_table[t] [4], last = (t == 0); policy_mean/std broadcast to [B,H,A]; guidance_scale may be a
+    one-element device tensor (read in the kernel, so a tuned scale needs no host sync). The noise is ``noise``
+    [B,H,A] or, with ``seed`` (int or one-element int64 device tensor), drawn in the kernel from (seed, step,
+    element).
+    """
+    grid, args = _launch_args(actions, policy_mean, policy_std, act_mean, act_scale, coef, guidance_scale, clip_std,
+                              noise, action_noise_scale, guidance_type, last, seed, step)
+    _guided_action_update_kernel[grid](**args)
+    return args["out_ptr"]
 
 
 def guided_action_update(
@@ -121,11 +150,9 @@ def guided_action_update(
 ) -> torch.Tensor:
     """Fused ``reference.step_ops.guided_action_update``: the new normalised actions [B,H,A] (actions' dtype).
 
-    Same arguments; policy_mean/std broadcast to [B,H,A]; guidance_scale may be a one-element device tensor (read
-    in the kernel, so a tuned scale needs no host sync). With ``noise=None`` and ``seed`` (int or one-element int64
-    device tensor) the noise is drawn in the kernel from (seed, t, element).
+    Same arguments (see ``action_update_at``). With ``noise=None`` and ``seed`` the noise of step t is drawn in
+    the kernel from (seed, t, element).
     """
-    grid, args = _launch_args(actions, policy_mean, policy_std, act_mean, act_scale, t, step_table, guidance_scale,
-                              clip_std, noise, action_noise_scale, guidance_type, seed)
-    _guided_action_update_kernel[grid](**args)
-    return args["out_ptr"]
+    check_step(t, step_table)
+    return action_update_at(actions, policy_mean, policy_std, act_mean, act_scale, step_table[t], guidance_scale,
+                            clip_std, noise, action_noise_scale, guidance_type, t == 0, seed=seed, step=t)

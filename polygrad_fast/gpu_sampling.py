@@ -3,8 +3,7 @@
 Per (batch, horizon) one graph holds the initial noise, and for every step t the denoiser forward (the sampler's
 bf16/fp16 copy), kernel A, the policy forward and kernel B, with all noise drawn inside the kernels from
 (seed, t, element). A call copies the start observations, the guidance scale and a fresh seed into the graph's
-static input tensors (device-side copies: no host sync) and replays. The step logic itself is the sampler's
-(``FastGuidedSampler._post_denoiser_step``) run with seeded Triton ops, so the two paths cannot drift apart.
+static input tensors (device-side copies: no host sync) and replays.
 
 Noise convention: the noise of reverse step t < T is the kernels' Philox noise of step t; the initial x_T, a_T
 are that of step T, drawn by ``kernels.q_sample`` with sqrt(abar) = 0 and sqrt(1 - abar) = 1 (so it returns the
@@ -13,9 +12,7 @@ module never decorates them (the kernel tests choose the Triton interpreter firs
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import warnings
 from collections import OrderedDict
 from typing import Callable, Hashable
@@ -25,6 +22,7 @@ from torch import nn
 
 from .backend import triton_usable
 from .reference.guided_sampling import change_metrics
+from .reference.step_ops import _SQRT_ABAR, CLIP_STATE_CHANGE_MAX_T
 
 _warned: set[str] = set()
 
@@ -75,7 +73,9 @@ class GuidedLoop:
 
     ``run()`` executes the T steps eagerly (what the graph captures; on CPU it runs under the Triton interpreter,
     which is how the body is tested without a GPU). Inputs: ``start`` [B,O] normalised, ``seed`` [] int64,
-    ``guidance_scale`` [] fp32. ``run`` returns (x [B,H,D], actions [B,H,A], change [B,H,D]).
+    ``guidance_scale`` [] fp32. ``run`` returns (x [B,H,D], actions [B,H,A], posterior mean - x at t = 0).
+    The step is the sampler's (same denoiser and policy copies, same order of ops), except that its noise is drawn
+    inside the kernels; tests compare the two paths fed the same noise.
     """
 
     def __init__(self, sampler, batch: int, horizon: int):
@@ -91,33 +91,28 @@ class GuidedLoop:
         self._unit_tables = torch.zeros(T + 1, device=dev), torch.ones(T + 1, device=dev)
         self._steps = torch.arange(T, device=dev)[:, None].expand(T, batch).contiguous()
 
-    @contextlib.contextmanager
-    def _seeded_ops(self):
-        """The sampler's step ops replaced by the Triton kernels drawing their noise from ``self.seed``."""
-        from . import kernels
-        from .sampler import StepOps
-
-        saved = self.sampler._ops
-        self.sampler._ops = StepOps(functools.partial(kernels.guided_state_update, seed=self.seed),
-                                    functools.partial(kernels.guided_action_update, seed=self.seed))
-        try:
-            yield
-        finally:
-            self.sampler._ops = saved
-
     def run(self):
-        from .kernels import q_sample
+        from .kernels import action_update_at, q_sample, state_update_at
 
-        s = self.sampler
+        s, c = self.sampler, self.sampler.config
+        obs, act = s.normalizer["observations"], s.normalizer["actions"]
         self._x_start[:, 0, : s.obs_dim].copy_(self.start)
         x, a = q_sample(self._x_start, self._a_zero, self._init_step, *self._unit_tables, None,
                         action_noise_scale=1.0, obs_dim=s.obs_dim, seed=self.seed)
-        change = None
-        with self._seeded_ops():
-            for t in reversed(range(s.schedule.n_steps)):
-                x0 = s._denoiser_fast(x, a * s._sqrt_abar[t], self._steps[t])
-                x, a, change = s._post_denoiser_step(x, a, x0, self.start, t, self.guidance_scale, None, None)
-        return x, a, change
+        for t in reversed(range(s.schedule.n_steps)):
+            coef, last = s.step_table[t], t == 0
+            seed = None if last else self.seed  # the last step adds no noise
+            x0 = s._denoiser_fast(x, coef[_SQRT_ABAR] * a, self._steps[t])
+            clip = c.clip_state_change if t <= CLIP_STATE_CHANGE_MAX_T else None
+            x_next, mean, guide = state_update_at(x, x0, self.start, coef, obs.mean, obs.scale, clip, None,
+                                                  c.states_for_guidance, seed=seed, step=t)
+            # skipped where the action update is the identity, as in the sampler
+            if not (last and c.clip_std is None or not last and c.guidance_type == "none"):
+                p_mean, p_std = s._policy_fast(guide)
+                a = action_update_at(a, p_mean, p_std, act.mean, act.scale, coef, self.guidance_scale, c.clip_std,
+                                     None, c.action_noise_scale, c.guidance_type, last, seed=seed, step=t)
+            x_prev, x = x, x_next
+        return x, a, mean - x_prev
 
 
 def _fingerprint(sampler) -> tuple:

@@ -38,12 +38,12 @@ def launch_variants():
         # bf16 goes through the default variant of each kernel; fp32 through all of them.
         for sfg in ("recon", "posterior_mean") if dtype == torch.float32 else ("recon",):
             for noise, seed in ((x, None), (None, 3)):
-                _, args = ks._launch_args(x, x, x[:, 0, :O], 4, table, obs, obs, 0.5, noise, sfg, seed)
+                _, args = ks._launch_args(x, x, x[:, 0, :O], table[4], obs, obs, 0.5, noise, sfg, seed, 4)
                 yield f"state_update/{sfg}/seed={seed}/{dn}", ks._guided_state_update_kernel, args
         for gtype in ("grad", "sample", "none") if dtype == torch.float32 else ("grad",):
             for noise, seed in ((act, None), (None, 3)):
-                _, args = ka._launch_args(act, act, one_a, one_a, one_a, 4, table, 1.0, 2.0, noise, 1.0, gtype,
-                                          seed)
+                _, args = ka._launch_args(act, act, one_a, one_a, one_a, table[4], 1.0, 2.0, noise, 1.0, gtype,
+                                          False, seed, 4)
                 yield f"action_update/{gtype}/seed={seed}/{dn}", ka._guided_action_update_kernel, args
         steps = torch.zeros(B, dtype=torch.int64)
         for noise, seed in ((x, None), (None, 3)):

@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from polygrad_fast.kernels import guided_action_update, guided_state_update, q_sample
+from polygrad_fast.kernels import action_update_at, guided_action_update, guided_state_update, q_sample, state_update_at
 from polygrad_fast.reference import step_ops as ref
 from polygrad_fast.schedule import NoiseSchedule
 
@@ -75,6 +75,20 @@ def test_state_update_matches_twin(B, H, device, table):
     for t, clip, sfg in itertools.product(STEPS, (0.25, None), ref.STATES_FOR_GUIDANCE):
         args = dict(inputs, t=t, step_table=tab, clip_state_change=clip, states_for_guidance=sfg)
         _assert_outputs(guided_state_update(**args), ref.guided_state_update(**args), torch.float32, FP32_TOL)
+
+
+def test_row_level_ops_match_twins(device, table):
+    """The ops the sampler swaps in: step t resolved by the caller into (coef row, clip switch, noise, last)."""
+    states, acts = _state_inputs(3, 10, device), _action_inputs(3, 10, device, per_dim_std=True)
+    coef = table[7].to(device)
+    for clip, with_noise, sfg in itertools.product((0.25, None), (True, False), ref.STATES_FOR_GUIDANCE):
+        args = dict(states, coef=coef, clip_state_change=clip, states_for_guidance=sfg)
+        args["noise"] = args["noise"] if with_noise else None
+        _assert_outputs(state_update_at(**args), ref.state_update_at(**args), torch.float32, FP32_TOL)
+    for gtype, last in itertools.product(ref.GUIDANCE_TYPES, (False, True)):
+        args = dict(acts, coef=coef, guidance_scale=0.3, clip_std=2.0, action_noise_scale=0.7, guidance_type=gtype,
+                    last=last)
+        _assert_outputs(action_update_at(**args), ref.action_update_at(**args), torch.float32, FP32_TOL)
 
 
 def test_state_update_clamp_and_noise_paths_are_exercised(device, table):
@@ -175,6 +189,8 @@ def test_argument_errors(device, table):
         guided_state_update(**states, t=3, step_table=tab, clip_state_change=None, seed=1)
     with pytest.raises(ValueError, match="0 <= t < T"):
         guided_state_update(**states, t=T, step_table=tab, clip_state_change=None)
+    with pytest.raises(ValueError, match="step index"):
+        state_update_at(**dict(states, noise=None), coef=tab[3], clip_state_change=None, seed=1)
     acts = _action_inputs(1, 2, device)
     with pytest.raises(ValueError, match="guidance_type"):
         guided_action_update(**acts, t=3, step_table=tab, guidance_scale=1.0, clip_std=None, guidance_type="adam")
