@@ -5,8 +5,8 @@ import torch
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor
 from polygrad_fast.reference.guided_sampling import reference_action_step
-from polygrad_fast.reference.step_ops import guided_action_update, guided_state_update
-from polygrad_fast.sampler import compiled_torch_ops
+from polygrad_fast.reference.step_ops import (action_update_at, guided_action_update, guided_state_update,
+                                              state_update_at)
 from polygrad_fast.schedule import NoiseSchedule
 
 B, H, O, A, T = 6, 5, 7, 3, 20
@@ -77,19 +77,22 @@ def test_action_update_matches_autograd_step(t, guidance_type, clip_std):
 
 
 @pytest.mark.slow
-def test_compiled_ops_match_eager():
+def test_compiled_row_ops_match_the_twins():
+    """What the compiled fast path runs: the row-level cores under torch.compile, one graph per branch."""
     norm, policy, x, x0, start, noise, a_noise = setup(2)
     table = NoiseSchedule(T).step_table()
     obs, act = norm["observations"], norm["actions"]
-    ops = compiled_torch_ops()
+    state_at, action_at = torch.compile(state_update_at), torch.compile(action_update_at)
     with torch.no_grad():
         mean, std = policy(norm.unnormalize(x[..., :O], "observations"))
     for t in (T - 1, 5, 0):
         for got, want in zip(
-                ops.state_update(x, x0, start, t, table, obs.mean, obs.scale, 0.25, noise, "recon"),
+                state_at(x, x0, start, table[t], obs.mean, obs.scale, 0.25 if t <= 10 else None,
+                         None if t == 0 else noise, "recon"),
                 guided_state_update(x, x0, start, t, table, obs.mean, obs.scale, 0.25, noise, "recon")):
             torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(
-            ops.action_update(x[..., :A], mean, std, act.mean, act.scale, t, table, torch.tensor(0.2), 3.0, a_noise),
+            action_at(x[..., :A], mean, std, act.mean, act.scale, table[t], torch.tensor(0.2), 3.0, a_noise, 1.0,
+                      "grad", t == 0),
             guided_action_update(x[..., :A], mean, std, act.mean, act.scale, t, table, torch.tensor(0.2), 3.0,
                                  a_noise), atol=1e-6, rtol=1e-6)

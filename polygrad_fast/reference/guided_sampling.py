@@ -139,8 +139,8 @@ def guided_step(
         actions, guide_raw, policy, normalizer, t, coef[_SIGMA], guidance_scale, clip_std, action_noise,
         action_noise_scale, guidance_type)
     if update_states and a_guided is not None:
-        x_next, mean = update_guide_states(x, x_recon, mean, a_guided, start_obs, t, step_table, policy,
-                                           normalizer, guidance_scale, states_for_guidance, state_noise)
+        x_next, mean = update_guide_states(x, x_recon, mean, a_guided, start_obs, coef, policy, normalizer,
+                                           guidance_scale, states_for_guidance, state_noise)
     return x_next, new_actions, mean - x
 
 
@@ -150,8 +150,7 @@ def update_guide_states(
     mean: torch.Tensor,
     a_guided: torch.Tensor,
     start_obs: torch.Tensor,
-    t: int,
-    step_table: torch.Tensor,
+    coef: torch.Tensor,
     policy,
     normalizer: Normalizer,
     guidance_scale: float | torch.Tensor,
@@ -160,12 +159,12 @@ def update_guide_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S7 (ablation ``update_states``): guide states += w·∇_s log π(a_guided|s) (autograd, normalised s).
 
-    x, x_recon (first obs imposed), mean [B,H,D]; a_guided [B,H,A] raw. The updated states replace x0's
+    x, x_recon (first obs imposed), mean [B,H,D]; a_guided [B,H,A] raw; coef = step_table[t] [4] (t > 0).
+    The updated states replace x0's
     observation columns, and the posterior mean is recomputed WITHOUT the t <= 10 clip (paper behaviour).
     Returns (x_next [B,H,D] with the first observation imposed, new posterior mean [B,H,D]).
     """
     obs_dim = start_obs.shape[-1]
-    coef = step_table[t]
     guide = (x_recon if states_for_guidance == "recon" else mean)[..., :obs_dim].detach().clone()
     guide.requires_grad_(True)
     with torch.enable_grad():
