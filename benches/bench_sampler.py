@@ -1,0 +1,195 @@
+"""Guided sampling at the paper's Hopper shapes: FastGuidedSampler (fast torch path) vs the paper-style reference.
+
+Shapes: H=10, O=11, A=3, D=13, ResidualMLPDenoiser(hidden 1024, 6 blocks), T=128 (tau 0.1 as Hopper), grad
+guidance, clip_std 3, clip_state_change 0.25, batch 256 and 1024. Reference = fp32 denoiser + autograd guidance,
+one step at a time (polygrad_fast.reference.guided_sampling); fast = bf16 denoiser copy (where the CPU has
+AMX/AVX512-BF16), bf16 policy copy, closed-form guidance, torch.compile ('fast') or eager ('fast-eager').
+Every timing is the min over rounds (the host is shared and noisy); the fast tests record ``speedup_vs_reference``
+(reference min / fast min) in extra_info, with the thread count and the load average at the time.
+Under ``--benchmark-disable`` (CI smoke) the chains are shortened to T=8. Run:
+
+    pytest benches/bench_sampler.py --benchmark-only --benchmark-columns=min,median,rounds -s
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser, low_precision_copy
+from polygrad_fast.normalizer import Normalizer
+from polygrad_fast.policy import Actor, policy_distribution
+from polygrad_fast.reference.guided_sampling import SamplerNoise
+from polygrad_fast.reference.step_ops import action_update_at, state_update_at
+from polygrad_fast.sampler import FastGuidedSampler
+from polygrad_fast.schedule import NoiseSchedule
+
+H, O, A, D = 10, 11, 3, 13
+BATCHES = [256, 1024]
+OPTIONS = dict(guidance_type="grad", guidance_scale=0.005, clip_std=3.0, clip_state_change=0.25)
+ROUNDS = {"reference": 3, "fast": 5, "fast-eager": 3}
+_MIN: dict[tuple, float] = {}  # (batch, path) -> min seconds
+
+
+def _conditions() -> dict:
+    return {"threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], "torch": torch.__version__}
+
+
+@pytest.fixture(scope="module")
+def hopper():
+    torch.manual_seed(0)
+    denoiser = ResidualMLPDenoiser(H, D, A, MLPDenoiserConfig(hidden_dim=1024, num_layers=6)).eval()
+    policy = Actor(O, A)
+    rng = np.random.default_rng(0)
+    normalizer = Normalizer({"observations": (rng.normal(size=O), rng.uniform(0.2, 3.0, O)),
+                             "actions": (rng.normal(size=A) * 0.1, rng.uniform(0.5, 0.7, A)),
+                             "rewards": (1.0, 0.8), "terminals": (0.01, 0.1)})
+    return denoiser, policy, normalizer
+
+
+def _n_steps(benchmark) -> int:
+    return 8 if benchmark.disabled else 128
+
+
+def _sampler(hopper, n_steps, path):
+    denoiser, policy, normalizer = hopper
+    kw = {"reference": dict(backend="reference"), "fast": dict(backend="torch", compile=True),
+          "fast-eager": dict(backend="torch")}[path]
+    return FastGuidedSampler(denoiser, NoiseSchedule(n_steps, tau=0.1), policy, normalizer, **OPTIONS, **kw)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("path", ["reference", "fast", "fast-eager"])
+def test_guided_sampling(benchmark, hopper, batch, path):
+    sampler = _sampler(hopper, _n_steps(benchmark), path)
+    start = torch.randn(batch, O, generator=torch.Generator().manual_seed(1)) * 2
+    if path != "reference":
+        sampler.sample(start)  # warm-up outside the timing: torch.compile and first-touch allocations
+    benchmark.pedantic(lambda: sampler.sample(start), rounds=ROUNDS[path], iterations=1)
+    if benchmark.disabled:
+        return
+    mine = benchmark.stats.stats.min
+    _MIN[(batch, path)] = mine
+    benchmark.extra_info.update(batch=batch, path=path, denoiser_dtype=str(getattr(sampler, "denoiser_dtype", "fp32")),
+                                **_conditions())
+    ref = _MIN.get((batch, "reference"))
+    line = f"\n[bench_sampler] B={batch} {path}: {mine:.3f} s per guided batch (T=128)"
+    if ref is not None and path != "reference":
+        benchmark.extra_info["speedup_vs_reference"] = ref / mine
+        line += f", reference {ref:.3f} s -> {ref / mine:.2f}x"
+    print(line + f" [threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}]")
+
+
+def test_fast_statistics_match_reference(hopper):
+    """Fast (bf16, closed form, compiled) vs reference (fp32, autograd) on the same start states and noise.
+
+    Only the precision differs (bf16 has a 2^-8 relative step), so per-dimension means and stds over the 256×10
+    imagined steps must agree far better than what any semantic error produces: a dropped guidance step or a
+    missing clamp changes the standardised action std by > 2x (tests/test_guidance.py). Bound: |Δmean| ≤ 0.1·std
+    and |std ratio − 1| ≤ 0.1 per dimension, and act_std / act_mean within 0.1.
+    """
+    n_steps, batch = 128, 256
+    start = torch.randn(batch, O, generator=torch.Generator().manual_seed(2)) * 2
+    noise = SamplerNoise.draw(n_steps, batch, H, D, A, generator=torch.Generator().manual_seed(3))
+    fast = _sampler(hopper, n_steps, "fast").sample(start, noise=noise)
+    ref = _sampler(hopper, n_steps, "reference").sample(start, noise=noise)
+    for name in ("observations", "actions", "rewards"):
+        f, r = (getattr(b, name).reshape(-1, getattr(b, name).shape[-1] if name != "rewards" else 1)
+                for b in (fast, ref))
+        scale = r.std(0).clamp_min(1e-3)
+        dmean = ((f.mean(0) - r.mean(0)).abs() / scale).max().item()
+        dstd = (f.std(0) / scale - 1).abs().max().item()
+        print(f"\n[bench_sampler] {name}: max |Δmean|/std {dmean:.4f}, max |std ratio - 1| {dstd:.4f}")
+        assert dmean <= 0.1 and dstd <= 0.1, name
+    for key in ("act_std", "act_mean"):
+        assert abs(fast.metrics[key].item() - ref.metrics[key].item()) <= 0.1, key
+
+
+# ---------------------------------------------------------------- per-step breakdown (B = 256 and 1024, one step)
+def _step_inputs(hopper, batch):
+    denoiser, policy, normalizer = hopper
+    g = torch.Generator().manual_seed(4)
+    x, a = torch.randn(batch, H, D, generator=g), torch.randn(batch, H, A, generator=g)
+    t = torch.full((batch,), 64)
+    return x, a, t, torch.randn(batch, H, D, generator=g), torch.randn(batch, H, A, generator=g)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "bf16-compiled"])
+def test_step_denoiser(benchmark, hopper, batch, variant):
+    denoiser = hopper[0] if variant == "fp32" else low_precision_copy(hopper[0], torch.bfloat16)
+    if variant == "bf16-compiled":
+        denoiser = torch.compile(denoiser)
+    x, a, t, _, _ = _step_inputs(hopper, batch)
+    with torch.inference_mode():
+        denoiser(x, a, t)
+        benchmark.pedantic(lambda: denoiser(x, a, t), rounds=20, iterations=1, warmup_rounds=2)
+    benchmark.extra_info.update(batch=batch, variant=variant, **_conditions())
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("variant", ["reference-autograd", "fast-closed-form", "fast-compiled"])
+def test_step_guidance(benchmark, hopper, batch, variant):
+    """The action half of a step after the denoiser: unnormalise, policy forward, clamp, guidance, renormalise,
+    noise. Reference: fp32 policy + autograd log-prob backward; fast: bf16 policy copy + closed form."""
+    _, policy, normalizer = hopper
+    x, a, _, _, a_noise = _step_inputs(hopper, batch)
+    schedule = NoiseSchedule(128, tau=0.1)
+    sampler = _sampler(hopper, 128, "fast")
+    coef, act = schedule.step_table()[64], normalizer["actions"]
+    guide = normalizer.unnormalize(x[..., :O], "observations")
+    g = torch.tensor(0.005)
+
+    def reference():
+        raw = normalizer.unnormalize(a, "actions")
+        with torch.no_grad():
+            dist = policy_distribution(policy(guide))
+        raw = torch.clamp(raw, dist.mean - 3.0 * dist.stddev, dist.mean + 3.0 * dist.stddev).requires_grad_(True)
+        dist.log_prob(raw).sum().backward()
+        raw = (raw + g * raw.grad).detach()
+        return normalizer.normalize(raw, "actions") + coef[3] * a_noise
+
+    def fast(policy_fn, action_fn):
+        def run():
+            p_mean, p_std = policy_fn(guide)
+            return action_fn(a, p_mean, p_std, act.mean, act.scale, coef, g, 3.0, a_noise, 1.0, "grad", False)
+        return run
+
+    if variant == "reference-autograd":
+        fn = reference
+    elif variant == "fast-closed-form":
+        fn = fast(sampler._policy_fast, action_update_at)
+    else:
+        fn = fast(torch.compile(sampler._policy_fast), torch.compile(action_update_at))
+    ctx = torch.enable_grad() if variant == "reference-autograd" else torch.inference_mode()
+    with ctx:
+        fn()
+        benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=2)
+    benchmark.extra_info.update(batch=batch, variant=variant, **_conditions())
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("variant", ["eager", "compiled"])
+def test_step_elementwise(benchmark, hopper, batch, variant):
+    """Kernel A + kernel B arithmetic alone (no denoiser, no policy): the part the Triton kernels fuse on a GPU."""
+    _, _, normalizer = hopper
+    x, a, _, noise, a_noise = _step_inputs(hopper, batch)
+    x0 = x * 0.9
+    start = x[:, 0, :O].clone()
+    coef = NoiseSchedule(128, tau=0.1).step_table()[64]
+    obs, act = normalizer["observations"], normalizer["actions"]
+    p_mean, p_std = torch.zeros(batch, H, A), torch.full((batch, H, A), 0.5)
+    g = torch.tensor(0.005)
+    state_fn, action_fn = ((state_update_at, action_update_at) if variant == "eager"
+                           else (torch.compile(state_update_at), torch.compile(action_update_at)))
+
+    def run():
+        out = state_fn(x, x0, start, coef, obs.mean, obs.scale, None, noise, "recon")
+        return out, action_fn(a, p_mean, p_std, act.mean, act.scale, coef, g, 3.0, a_noise, 1.0, "grad", False)
+
+    with torch.inference_mode():
+        run()
+        benchmark.pedantic(run, rounds=50, iterations=1, warmup_rounds=2)
+    benchmark.extra_info.update(batch=batch, variant=variant, **_conditions())
