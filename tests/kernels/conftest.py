@@ -21,3 +21,14 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 def device():
     """Where the kernels run: the GPU, or the CPU under the interpreter."""
     return torch.device("cuda" if ON_GPU else "cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """The tensors here are tiny: one intra-op thread is faster on a busy 2-core machine, and it keeps torch's
+    OpenMP pool unstarted, which a later test that forks the pytest process relies on (GNU OpenMP is not
+    fork-safe once its threads exist)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
