@@ -92,6 +92,12 @@ def test_fast_matches_reference_for_every_option(options):
     assert_batches_close(fast, ref)
 
 
+def test_fast_matches_reference_without_state_clip_and_scaled_action_noise():
+    fast, ref = run_both(make_setup(), batch=5, guidance_scale=0.1, clip_state_change=None, action_noise_scale=0.5)
+    assert_batches_close(fast, ref)
+    assert fast.metrics["max_change"] > 0.25  # nothing clamps the last step's change now
+
+
 @pytest.mark.parametrize("batch,horizon", [(1, 10), (7, 1), (3, 50)])
 def test_fast_matches_reference_batch_and_horizon(batch, horizon):
     fast, ref = run_both(make_setup(horizon=horizon), batch=batch, guidance_scale=0.05)
