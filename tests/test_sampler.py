@@ -223,6 +223,8 @@ def test_bad_horizon_noise_and_options():
     denoiser, schedule, policy, normalizer = setup
     with pytest.raises(ValueError, match="policy.obs_dim"):
         FastGuidedSampler(denoiser, schedule, Actor(O + 1, A), normalizer)
+    with pytest.raises(ValueError, match="policy is on meta"):
+        FastGuidedSampler(denoiser, schedule, Actor(O, A).to("meta"), normalizer)
     with pytest.raises(ValueError, match="denoiser.transition_dim"):
         FastGuidedSampler(denoiser, schedule, policy, make_normalizer(O + 1))
     assert SamplerConfig().guidance_scale == 0.005
