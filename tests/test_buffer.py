@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -550,12 +552,21 @@ def test_native_parallel_gather_survives_fork():
     if pid == 0:  # child
         try:
             got = buf.sample_windows(1024, 10, seed=1)
-            ok = torch.equal(got.observations, want.observations) and torch.equal(got.sim_states, want.sim_states)
+            # compare with numpy: torch ops may use the parent's OpenMP pool, which does not survive fork()
+            ok = np.array_equal(got.observations.numpy(), want.observations.numpy()) and np.array_equal(
+                got.sim_states.numpy(), want.sim_states.numpy())
             os.write(w, b"1" if ok else b"0")
         finally:
             os._exit(0)
     os.close(w)
-    _, status = os.waitpid(pid, 0)
+    deadline = time.monotonic() + 60  # a deadlocked child must fail the test, not hang the suite
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("sampling in a forked child did not finish within 60 s (deadlock)")
+    status = done[1]
     assert os.read(r, 1) == b"1" and status == 0
 
 
