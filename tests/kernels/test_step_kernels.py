@@ -61,9 +61,12 @@ def _upcast(inputs):
     return {k: v.float() for k, v in inputs.items()}
 
 
+def _as_tuple(out):
+    return (out,) if torch.is_tensor(out) else out
+
+
 def _assert_outputs(fast, expected, dtype, tol):
-    fast, expected = (fast,) if torch.is_tensor(fast) else fast, (expected,) if torch.is_tensor(expected) else expected
-    for f, e in zip(fast, expected):
+    for f, e in zip(_as_tuple(fast), _as_tuple(expected), strict=True):
         assert f.dtype == dtype and f.shape == e.shape
         torch.testing.assert_close(f.float().cpu(), e.float().cpu(), **tol)
 
