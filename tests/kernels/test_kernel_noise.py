@@ -56,8 +56,9 @@ def test_noise_is_standard_normal_and_reproducible(draw, device, table):
     z = draw(device, table, seed=7, t=T - 1)
     assert_standard_normal(z)
     torch.testing.assert_close(draw(device, table, seed=7, t=T - 1), z, atol=0, rtol=0)
-    # consecutive steps, and seeds differing only above bit 32 (the 64-bit key is used whole)
+    # consecutive steps, another seed, and seeds differing only above bit 32 (the 64-bit key is used whole)
     assert_uncorrelated(draw(device, table, seed=7, t=T - 2), z)
+    assert_uncorrelated(draw(device, table, seed=8, t=T - 1), z)
     assert_uncorrelated(draw(device, table, seed=7 + 2**40, t=T - 1), z)
 
 
