@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from . import backend
 from .diffusion import DiffusionLoss, make_x0
 from .ema import ModelEMA
 from .schedule import NoiseSchedule
@@ -79,6 +80,12 @@ class DiffusionTrainer:
         self.precision = resolve_precision(config.mixed_precision, self.device)
         self.loss_fn = DiffusionLoss(schedule, config.loss_type, config.predict_epsilon,
                                      config.action_condition_noise_scale).to(self.device)
+        if backend.select_backend(self.device) == "triton":
+            # One fused pass for the forward noising on the GPU; the noise still comes from self.generator, so
+            # training draws, resume and the reference path stay identical.
+            from .kernels import q_sample
+
+            self.loss_fn.noising_fn = q_sample
         self.optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = ModelEMA(denoiser, config.ema_decay, config.step_start_ema, config.update_ema_every)
