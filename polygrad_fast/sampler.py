@@ -21,6 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
+from . import cpu_packed
 from .backend import select_backend
 from .denoisers import Denoiser, low_precision_copy
 from .normalizer import Normalizer
@@ -73,6 +74,10 @@ class SamplerConfig:
     compile: bool = False  # torch.compile the denoiser and the policy + elementwise step (torch backend)
     backend: str = "auto"  # 'auto' | 'torch' | 'reference' | 'triton' (see polygrad_fast.backend)
     sync_weights: bool = True  # refresh low-precision copies from the live modules at every sample() call
+    # CPU bf16 copies only: run their large Linears on oneDNN-prepacked weights (polygrad_fast.cpu_packed), same
+    # bits as plain bf16. Hopper B=256: compiled denoiser 3.5 vs 4.3 ms, whole sample() ~5% faster. Repacked in
+    # the weight sync only when a weight changed; no recompile. False: the plain bf16 path.
+    cpu_prepack: bool = True
 
     def validate(self) -> None:
         choices = {"guidance_type": GUIDANCE_TYPES, "states_for_guidance": STATES_FOR_GUIDANCE,
@@ -222,6 +227,13 @@ class FastGuidedSampler:
             self.policy_dtype = torch.float32
             self._policy_copy = None
             self._policy_fast = _mean_std_call(self.policy)
+        self._packed = []  # low-precision copies whose Linears run prepacked (cpu_packed)
+        if cfg.cpu_prepack and self.device.type == "cpu" and cpu_packed.available():
+            copies = ((self._denoiser_fast, self.denoiser_dtype, 256), (self._policy_copy, self.policy_dtype, 2560))
+            for module, dtype, batch_hint in copies:  # batch hint: rows per call at B=256 (denoiser B, policy B·H)
+                if module is not None and module is not self.denoiser and dtype == torch.bfloat16:
+                    if cpu_packed.prepack_linears(module, batch_hint):
+                        self._packed.append(module)
         self._ops = _triton_ops() if self.backend == "triton" else TORCH_OPS
         self._step, self._denoise = self._step_core, self._denoiser_fast
         if cfg.compile and self.backend == "torch" and not cfg.update_states:
@@ -323,6 +335,8 @@ class FastGuidedSampler:
             _copy_weights(self._denoiser_fast, self.denoiser)
         if self._policy_copy is not None:
             _copy_weights(self._policy_copy, self.policy)
+        for module in self._packed:
+            cpu_packed.refresh(module)
 
     def _sample_fast(self, start, horizon, g, generator, noise):
         self._sync()

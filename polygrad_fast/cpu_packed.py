@@ -1,0 +1,118 @@
+"""oneDNN-prepacked bf16 Linear execution on CPU, with weight refresh and no recompile.
+
+``prepack_linears(module)`` swaps every large bf16 ``nn.Linear`` of an inference copy for a ``PackedLinear`` that shares
+its parameters (names and state dict unchanged) and runs ``mkldnn._linear_pointwise`` on a weight reordered once
+into oneDNN's blocked layout. Measured on a 2-core Sapphire Rapids (AMX-bf16), B=256: 1024x1024 Linear 216 vs
+304 µs with plain bf16 F.linear; same bits (both are the same oneDNN bf16 GEMM, fp32 accumulation).
+
+The GEMM is the opaque custom op ``polygrad_fast::packed_linear(x, bias, slot, out_features)``: the packed
+weight lives in a Python registry under an int ``slot``, so ``torch.compile`` fuses the LayerNorm/ReLU/residual
+work around the GEMMs without baking weights into the graph (inductor freezing would, and recompiles ~4 s on
+every weight change). ``refresh(module)`` repacks (10-20 ms for the 8 large Linears of the Hopper denoiser) only
+when a weight changed, and the compiled graph keeps running unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_PACKED: dict[int, torch.Tensor] = {}  # slot -> packed weight (opaque mkldnn tensor)
+_SLOTS = itertools.count()
+
+
+def available() -> bool:
+    """True when this torch build has the oneDNN linear ops and bf16 runs on oneDNN."""
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+@torch.library.custom_op("polygrad_fast::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: int, out_features: int) -> torch.Tensor:
+    """x [..., in] bf16 -> [..., out_features] bf16 = x @ W.T + bias, W the weight packed under ``slot``."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _PACKED[slot], bias, "none", [], "")
+    return y.view(*x.shape[:-1], out_features)
+
+
+@packed_linear.register_fake
+def _(x, bias, slot, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class PackedLinear(nn.Linear):
+    """A bf16 ``nn.Linear`` whose forward uses the packed copy of its weight (call ``repack`` after changes)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, batch_hint: int) -> "PackedLinear":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight, new.bias = linear.weight, linear.bias  # shared Parameters: names and state dict unchanged
+        new.slot, new.batch_hint, new._packed_key, new._snapshot = next(_SLOTS), batch_hint, None, None
+        weakref.finalize(new, _PACKED.pop, new.slot, None)
+        new.repack()
+        return new
+
+    def __deepcopy__(self, memo):  # a copy gets its own slot (the registry entry dies with its owner)
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = copy.deepcopy(self.weight, memo)
+        plain.bias = copy.deepcopy(self.bias, memo)
+        return PackedLinear.from_linear(plain, self.batch_hint)
+
+    def _key(self) -> tuple | None:
+        w = self.weight  # the bias is passed to the op as is; only the weight is packed
+        return None if w.is_inference() else (w.data_ptr(), w._version)  # inference tensors: no version
+
+    def repack(self, force: bool = False) -> bool:
+        """Reorder the weight into oneDNN's layout if it changed since the last pack; True if it did.
+
+        The sampler's weight sync copies into the weight at every call (bumping ``_version``) even when the
+        values did not change, so a bumped version is confirmed against a snapshot of the packed values: the
+        compare costs ~0.1 ms per 1024x1024 bf16 weight, the repack ~1-3 ms.
+        """
+        key = self._key()
+        if not force and key is not None and key == self._packed_key:
+            return False
+        w = self.weight.detach()
+        if not force and self._snapshot is not None and torch.equal(w, self._snapshot):
+            self._packed_key = key
+            return False
+        # pass W itself ([out, in]): the op packs W.T internally (passing W.T gives wrong results)
+        _PACKED[self.slot] = torch.ops.mkldnn._reorder_linear_weight(w, self.batch_hint)
+        self._snapshot = w.clone()
+        self._packed_key = key
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled() and (
+                x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)  # no autograd through the packed op
+        return packed_linear(x, self.bias, self.slot, self.out_features)
+
+
+# Smaller weights stay plain: the packed op has ~17 µs more fixed cost per call than F.linear, which ate the gain
+# below ~64k weights (B=256: 160x160 42 vs 34 µs, 160x1024 82 vs 114 µs, 1024x1024 247 vs 311 µs).
+MIN_WEIGHT_NUMEL = 65536
+
+
+def prepack_linears(module: nn.Module, batch_hint: int = 256, min_numel: int = MIN_WEIGHT_NUMEL) -> int:
+    """In place: swap every bf16 CPU ``nn.Linear`` with >= min_numel weights for a ``PackedLinear``; returns how
+    many. ``batch_hint``: the rows per call oneDNN picks the blocked layout for (any row count stays correct)."""
+    n = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if (type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
+                    and child.weight.device.type == "cpu" and child.weight.numel() >= min_numel):
+                parent._modules[name] = PackedLinear.from_linear(child, batch_hint)
+                n += 1
+    return n
+
+
+def refresh(module: nn.Module) -> int:
+    """Repack the ``PackedLinear``s of ``module`` whose weights changed; returns how many were repacked."""
+    return sum(m.repack() for m in module.modules() if isinstance(m, PackedLinear))

@@ -1,0 +1,90 @@
+"""oneDNN-prepacked bf16 Linears (polygrad_fast.cpu_packed): same outputs as plain bf16, weight refresh, no
+recompile. CPU with fast bf16 (AMX / AVX512-BF16) only: there both paths are the same oneDNN bf16 GEMM."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polygrad_fast import cpu_packed
+from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser, low_precision_copy
+from polygrad_fast.policy import Actor
+from polygrad_fast.reference.guided_sampling import SamplerNoise
+from polygrad_fast.sampler import FastGuidedSampler, cpu_has_fast_bf16
+from polygrad_fast.schedule import NoiseSchedule
+from test_sampler import A, O, make_normalizer
+
+pytestmark = pytest.mark.skipif(not (cpu_packed.available() and cpu_has_fast_bf16()),
+                                reason="needs oneDNN and a CPU with fast bf16")
+H = 4
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256, 1030])
+def test_packed_linear_equals_bf16_linear(rows):
+    """Bit-equal to F.linear for row counts other than the batch hint (the layout is picked for 256)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(320, 256).to(torch.bfloat16).requires_grad_(False)
+    packed = cpu_packed.PackedLinear.from_linear(lin, batch_hint=256)
+    x = torch.randn(rows, 3, 320).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(packed(x), F.linear(x, lin.weight, lin.bias))
+    assert packed.weight is lin.weight and copy.deepcopy(packed).slot != packed.slot
+
+
+def _models(seed=0):
+    torch.manual_seed(seed)
+    # hidden 256: the 256x256 trunk Linears are packed (>= MIN_WEIGHT_NUMEL), the small ones stay plain
+    denoiser = ResidualMLPDenoiser(H, O + 2, A, MLPDenoiserConfig(hidden_dim=256, num_layers=2)).eval()
+    return denoiser, Actor(O, A, hidden=256)
+
+
+def test_prepack_keeps_names_and_outputs():
+    denoiser, _ = _models()
+    plain, packed = low_precision_copy(denoiser), low_precision_copy(denoiser)
+    n = cpu_packed.prepack_linears(packed)
+    assert n == 2  # the two 256x256 block Linears; input (128x256) and output (256x28) are below the threshold
+    assert list(dict(packed.state_dict())) == list(dict(plain.state_dict()))
+    x, a, t = torch.randn(9, H, O + 2), torch.randn(9, H, A), torch.randint(0, 10, (9,))
+    with torch.inference_mode():
+        assert torch.equal(packed(x, a, t), plain(x, a, t))
+
+
+def _pair(compile=False):
+    denoiser, policy = _models()
+    samplers = [FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), denoiser_dtype="bfloat16",
+                                  backend="torch", compile=compile, cpu_prepack=flag) for flag in (True, False)]
+    return denoiser, policy, samplers
+
+
+def test_sampler_packed_equals_plain_and_follows_weight_updates():
+    denoiser, policy, (packed, plain) = _pair()
+    assert packed._packed and not plain._packed
+    start = torch.randn(6, O)
+    noise = SamplerNoise.draw(5, 6, H, O + 2, A, generator=torch.Generator().manual_seed(1))
+    before = packed.sample(start, noise=noise)
+    assert torch.equal(before.actions, plain.sample(start, noise=noise).actions)
+    with torch.no_grad():  # an in-place update, as an optimizer or EMA step does
+        denoiser.trunk.blocks[1].linear.weight.mul_(1.5)
+        policy.mlp[3].weight.add_(0.05)
+    after, after_plain = packed.sample(start, noise=noise), plain.sample(start, noise=noise)
+    assert not torch.equal(after.observations, before.observations)
+    for name in ("observations", "actions"):
+        assert torch.equal(getattr(after, name), getattr(after_plain, name)), name
+
+
+def test_compiled_refresh_does_not_recompile():
+    torch._dynamo.reset()
+    denoiser, policy, (packed, _) = _pair(compile=True)
+    start = torch.randn(6, O)
+    noise = SamplerNoise.draw(5, 6, H, O + 2, A, generator=torch.Generator().manual_seed(1))
+    packed.sample(start, noise=noise)
+    frames = dict(torch._dynamo.utils.counters["frames"])
+    with torch.no_grad():
+        denoiser.trunk.blocks[0].linear.weight.mul_(1.5)
+    out = packed.sample(start, noise=noise)
+    assert dict(torch._dynamo.utils.counters["frames"]) == frames  # no new frame compiled
+    eager = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), denoiser_dtype="bfloat16",
+                              backend="torch", cpu_prepack=False).sample(start, noise=noise)
+    # compiled vs eager: inductor fuses LayerNorm/ReLU in fp32 before rounding, so bf16-level differences only
+    torch.testing.assert_close(out.observations, eager.observations, atol=0.1, rtol=0.05)
