@@ -8,8 +8,8 @@ into oneDNN's blocked layout. Measured on a 2-core Sapphire Rapids (AMX-bf16), B
 The GEMM is the opaque custom op ``polygrad_fast::packed_linear(x, bias, slot, out_features)``: the packed
 weight lives in a Python registry under an int ``slot``, so ``torch.compile`` fuses the LayerNorm/ReLU/residual
 work around the GEMMs without baking weights into the graph (inductor freezing would, and recompiles ~4 s on
-every weight change). ``refresh(module)`` repacks (10-20 ms for the 8 large Linears of the Hopper denoiser) only
-when a weight changed, and the compiled graph keeps running unchanged.
+every weight change). ``refresh(module)`` repacks (~0.5 ms per 1024x1024 weight) the Linears whose weight
+changed, and the compiled graph keeps running unchanged.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias  # shared Parameters: names and state dict unchanged
-        new.slot, new.batch_hint, new._packed_key, new._snapshot = next(_SLOTS), batch_hint, None, None
+        new.slot, new.batch_hint, new._packed_key = next(_SLOTS), batch_hint, None
         weakref.finalize(new, _PACKED.pop, new.slot, None)
         new.repack()
         return new
@@ -69,22 +69,14 @@ class PackedLinear(nn.Linear):
         return None if w.is_inference() else (w.data_ptr(), w._version)  # inference tensors: no version
 
     def repack(self, force: bool = False) -> bool:
-        """Reorder the weight into oneDNN's layout if it changed since the last pack; True if it did.
-
-        The sampler's weight sync copies into the weight at every call (bumping ``_version``) even when the
-        values did not change, so a bumped version is confirmed against a snapshot of the packed values: the
-        compare costs ~0.1 ms per 1024x1024 bf16 weight, the repack ~1-3 ms.
-        """
+        """Reorder the weight into oneDNN's layout if it changed (data_ptr or version) since the last pack; True if
+        it did. ~0.5 ms per 1024x1024 bf16 weight, as long as comparing with a snapshot would take, so the sampler's
+        sync (which copies into the weights at every call) just repacks."""
         key = self._key()
         if not force and key is not None and key == self._packed_key:
             return False
-        w = self.weight.detach()
-        if not force and self._snapshot is not None and torch.equal(w, self._snapshot):
-            self._packed_key = key
-            return False
         # pass W itself ([out, in]): the op packs W.T internally (passing W.T gives wrong results)
-        _PACKED[self.slot] = torch.ops.mkldnn._reorder_linear_weight(w, self.batch_hint)
-        self._snapshot = w.clone()
+        _PACKED[self.slot] = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.batch_hint)
         self._packed_key = key
         return True
 
@@ -96,7 +88,7 @@ class PackedLinear(nn.Linear):
 
 
 # More rows than this run plain F.linear (a static-shape branch, free under torch.compile). 1024x1024 GEMM, µs,
-# plain vs packed: 256 rows 349 vs 286, 512 rows 553 vs 469, but 768 rows 703 vs 1146 and 1024 rows 1777 vs 1591;
+# plain vs packed: 256 rows 349 vs 286, 512 rows 553 vs 469, 768 rows 703 vs 1146, 1024 rows 1777 vs 1591; yet
 # whole sample() with every batch packed: B=256 5-6% faster, B=768 25% and B=1024 2-5% slower.
 MAX_ROWS = 512
 

@@ -76,8 +76,8 @@ class SamplerConfig:
     sync_weights: bool = True  # refresh low-precision copies from the live modules at every sample() call
     # CPU bf16 denoiser copy only: run its large Linears on oneDNN-prepacked weights (polygrad_fast.cpu_packed),
     # same bits as plain bf16. Hopper B=256: compiled denoiser 3.5 vs 4.3 ms, whole sample() ~5% faster. Repacked
-    # in the weight sync only when a weight changed; no recompile. Batches > cpu_packed.MAX_ROWS (512) run plain
-    # (packed was slower there). False: the plain bf16 path.
+    # at each weight sync (~5 ms for the Hopper denoiser), no recompile. Batches > cpu_packed.MAX_ROWS (512) run
+    # plain (packed was slower there). False: the plain bf16 path.
     cpu_prepack: bool = True
 
     def validate(self) -> None:
