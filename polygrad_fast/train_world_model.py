@@ -26,7 +26,7 @@ from .buffer import TrajectoryBuffer
 from .config import apply_overrides, save_config, to_dict
 from .denoisers import build_denoiser
 from .diffusion_trainer import DiffusionTrainer
-from .envs import SimStateEnv, random_episodes
+from .envs import SUPPORTED_ENVS, SimStateEnv, random_episodes
 from .evaluation import trajectory_errors
 from .guidance import GuidanceScaleTuner
 from .normalizer import Normalizer
@@ -184,6 +184,10 @@ def parse_args(argv=None) -> tuple[WorldModelRunConfig, argparse.Namespace]:
         cfg = apply_overrides(get_preset(args.preset), pairs)
     except (KeyError, ValueError) as exc:
         parser.error(str(exc))
+    if cfg.env not in SUPPORTED_ENVS:  # checked before the run directory is created
+        parser.error(f"unknown env name {cfg.env!r}; supported: {', '.join(SUPPORTED_ENVS)}")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"device={cfg.device!r} but no CUDA device is available; use device=cpu")
     if args.logdir is None:
         args.logdir = f"runs/{cfg.env}/{args.preset}_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg, args

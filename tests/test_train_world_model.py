@@ -25,6 +25,9 @@ def test_cli_overrides_and_errors(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--preset", "debug", "trainer.lrr=1"])
     assert "unknown config key 'trainer.lrr'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "debug", "env=Hopper-v9"])
+    assert "unknown env name 'Hopper-v9'; supported: Hopper-v5" in capsys.readouterr().err
 
 
 def test_debug_run_end_to_end(tmp_path, capsys):
