@@ -586,3 +586,42 @@ def test_native_output_blocks_never_alias_live_batches():
     torch.testing.assert_close(keep.sim_states, copies[1], rtol=0, atol=0)
     torch.testing.assert_close(obs_only, copies[2], rtol=0, atol=0)
     keep.observations.add_(1.0)  # outputs are writable
+
+
+@pytest.mark.skipif(not _native.native_available(), reason=f"native extension unavailable: {_native.native_error()}")
+def test_native_sampling_releases_the_gil():
+    # A Python thread keeps ticking while the main thread is inside one long native gather. With the GIL held for
+    # the call, the ticker would stall for (nearly) the whole call; released, its gaps stay short.
+    import threading
+
+    buf = TrajectoryBuffer(11, 3, 58, 300_000, backend="native")
+    for i in range(300):
+        buf.add_episode(*episode(1000, i, 11, 3, 58), terminated=True, truncated=False)
+    mod = _native.native()
+    threads = mod.gather_threads()
+    mod.set_gather_threads(1)  # leave the second core to the ticker
+    try:
+        buf.sample_windows(1024, 200, seed=0)  # warm-up (first-touch of the output blocks)
+        ticks: list[float] = []
+        stop = threading.Event()
+
+        def ticker():
+            while not stop.is_set():
+                ticks.append(time.perf_counter())
+
+        thread = threading.Thread(target=ticker)
+        thread.start()
+        time.sleep(0.02)
+        t0 = time.perf_counter()
+        buf.sample_windows(1024, 200, seed=1)
+        t1 = time.perf_counter()
+        stop.set()
+        thread.join()
+    finally:
+        mod.set_gather_threads(threads)
+    call = t1 - t0
+    assert call > 0.02, f"the gather ({1e3 * call:.1f} ms) was too short to tell"
+    during = [t0] + [t for t in ticks if t0 <= t <= t1] + [t1]
+    longest_gap = max(b - a for a, b in zip(during, during[1:]))
+    assert longest_gap < 0.5 * call, (f"the ticker stalled {1e3 * longest_gap:.1f} ms of a {1e3 * call:.1f} ms "
+                                      "native call: is the GIL held?")
