@@ -6,9 +6,11 @@ into oneDNN's blocked layout. Measured on a 2-core Sapphire Rapids (AMX-bf16), B
 304 µs with plain bf16 F.linear; same bits (both are the same oneDNN bf16 GEMM, fp32 accumulation).
 
 The GEMM is the opaque custom op ``polygrad_fast::packed_linear(x, bias, slot, out_features)``: the packed
-weight lives in a Python registry under an int ``slot``, so ``torch.compile`` fuses the LayerNorm/ReLU/residual
-work around the GEMMs without baking weights into the graph (inductor freezing would, and recompiles ~4 s on
-every weight change). ``refresh(module)`` repacks (~0.5 ms per 1024x1024 weight) the Linears whose weight
+weight lives in a Python registry under an int key held in the 0-dim int64 buffer ``slot`` (non-persistent, so
+not in the state dict), so ``torch.compile`` fuses the LayerNorm/ReLU/residual work around the GEMMs without
+baking weights into the graph (inductor freezing would, and recompiles ~4 s on every weight change). The key is
+a tensor, not a Python int, because dynamo bakes int attributes into the graph: every new copy of a packed module
+would then compile its own graph and a few samplers in one process would hit dynamo's recompile limit. ``refresh(module)`` repacks (~0.5 ms per 1024x1024 weight) the Linears whose weight
 changed, and the compiled graph keeps running unchanged.
 """
 from __future__ import annotations
@@ -33,9 +35,10 @@ def available() -> bool:
 
 
 @torch.library.custom_op("polygrad_fast::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: int, out_features: int) -> torch.Tensor:
-    """x [..., in] bf16 -> [..., out_features] bf16 = x @ W.T + bias, W the weight packed under ``slot``."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _PACKED[slot], bias, "none", [], "")
+def packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [..., in] bf16 -> [..., out_features] bf16 = x @ W.T + bias, W the weight packed under key ``slot`` (0-dim
+    int64 CPU tensor)."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _PACKED[int(slot)], bias, "none", [], "")
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -53,8 +56,10 @@ class PackedLinear(nn.Linear):
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias  # shared Parameters: names and state dict unchanged
-        new.slot, new.batch_hint, new._packed_key = next(_SLOTS), batch_hint, None
-        weakref.finalize(new, _PACKED.pop, new.slot, None)
+        key = next(_SLOTS)
+        new.register_buffer("slot", torch.tensor(key), persistent=False)
+        new.batch_hint, new._packed_key = batch_hint, None
+        weakref.finalize(new, _PACKED.pop, key, None)
         new.repack()
         return new
 
@@ -76,7 +81,7 @@ class PackedLinear(nn.Linear):
         if not force and key is not None and key == self._packed_key:
             return False
         # pass W itself ([out, in]): the op packs W.T internally (passing W.T gives wrong results)
-        _PACKED[self.slot] = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.batch_hint)
+        _PACKED[int(self.slot)] = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), self.batch_hint)
         self._packed_key = key
         return True
 

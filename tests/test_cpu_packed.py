@@ -89,3 +89,23 @@ def test_compiled_refresh_does_not_recompile():
                               backend="torch", cpu_prepack=False).sample(start, noise=noise)
     # compiled vs eager: inductor fuses LayerNorm/ReLU in fp32 before rounding, so bf16-level differences only
     torch.testing.assert_close(out.observations, eager.observations, atol=0.1, rtol=0.05)
+
+
+def test_more_compiled_samplers_reuse_the_graphs():
+    """The packed-weight key is a buffer, not an int baked into the graph: further compiled samplers with the same
+    options (new packed copies, new keys) run the graphs the first one compiled, so a training process that builds
+    several samplers never reaches dynamo's recompile limit (8), and each still uses its own weights."""
+    torch._dynamo.reset()
+    start = torch.randn(6, O)
+    noise = SamplerNoise.draw(5, 6, H, O + 2, A, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for i in range(3):
+        denoiser, policy = _models(seed=i)
+        sampler = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), denoiser_dtype="bfloat16",
+                                    backend="torch", compile=True)
+        assert sampler._packed
+        outputs.append(sampler.sample(start, noise=noise).observations)
+        if i == 0:
+            frames = dict(torch._dynamo.utils.counters["frames"])
+    assert dict(torch._dynamo.utils.counters["frames"]) == frames  # nothing compiled after the first sampler
+    assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])

@@ -15,7 +15,9 @@ class Denoiser(nn.Module):
 
     ``forward`` checks the inputs, casts them to the dtype of the weights and casts the output back to ``x.dtype``,
     so a bf16/fp16 copy (``low_precision_copy``) is called with fp32 tensors and returns fp32.
-    Subclasses implement ``_forward`` on inputs that are already checked and cast.
+    The step enters only through ``time_embedding(t)`` [B, E], so a sampler can embed all T steps once per call
+    and run each step with ``forward_embedded`` (Hopper, B=256 bf16: the time MLP is ~0.2 ms of a ~4.7 ms call).
+    Subclasses implement ``time_embedding`` and ``_forward`` (inputs already checked and cast).
     """
 
     def __init__(self, horizon: int, transition_dim: int, action_dim: int):
@@ -31,11 +33,19 @@ class Denoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, actions, t)
-        weight = next(self.parameters())
-        out = self._forward(x.to(weight.dtype), actions.to(weight.dtype), t)
-        return out.to(x.dtype)
+        return self.forward_embedded(x, actions, self.time_embedding(t))
 
-    def _forward(self, x: torch.Tensor, actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward_embedded(self, x: torch.Tensor, actions: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
+        """``forward`` with the step already embedded: time_emb [B, E] or [1, E] (broadcast over the batch), from
+        ``time_embedding``. Only the dtype cast is done here; shapes are the caller's responsibility."""
+        weight = next(self.parameters())
+        return self._forward(x.to(weight.dtype), actions.to(weight.dtype), time_emb).to(x.dtype)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """t [N] int diffusion steps -> [N, E] embedding in the weights' dtype."""
+        raise NotImplementedError
+
+    def _forward(self, x: torch.Tensor, actions: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def check_inputs(self, x: torch.Tensor, actions: torch.Tensor, t: torch.Tensor) -> None:

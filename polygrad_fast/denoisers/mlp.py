@@ -93,9 +93,12 @@ class ResidualMLPDenoiser(Denoiser):
         self.trunk = ResidualMLP(embed, config.hidden_dim, config.num_layers, horizon * transition_dim,
                                  config.dropout)
 
-    def _forward(self, x: torch.Tensor, actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """t [N] -> [N, E]: the time MLP on the random Fourier features (computed in fp32, then cast)."""
+        return self.time_mlp(self.time_features(t).to(self.input_proj.weight.dtype))
+
+    def _forward(self, x: torch.Tensor, actions: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         flat = torch.cat([x, actions], dim=-1).reshape(B, -1)
-        time = self.time_features(t).to(flat.dtype)
-        h = self.input_proj(flat) + self.time_mlp(time)
+        h = self.input_proj(flat) + time_emb
         return self.trunk(h).view(B, self.horizon, self.transition_dim)

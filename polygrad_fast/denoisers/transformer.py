@@ -113,10 +113,13 @@ class TransformerDenoiser(Denoiser):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def _forward(self, x: torch.Tensor, actions: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """t [N] -> [N, n_embd]: the time MLP on the sinusoidal embedding."""
+        return self.time_mlp(sinusoidal_embedding(t, self.config.n_embd).to(self.wte.weight.dtype))
+
+    def _forward(self, x: torch.Tensor, actions: torch.Tensor, time_emb: torch.Tensor) -> torch.Tensor:
         tokens = self.wte(torch.cat([x, actions], dim=-1)) + self.wpe.weight[None]
-        time = sinusoidal_embedding(t, self.config.n_embd).to(tokens.dtype)
-        h = self.drop(tokens + self.time_mlp(time)[:, None, :])
+        h = self.drop(tokens + time_emb[:, None, :])
         for block in self.blocks:
             h = block(h)
         return self.head(h)
