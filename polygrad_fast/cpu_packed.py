@@ -35,15 +35,20 @@ def available() -> bool:
 
 
 @torch.library.custom_op("polygrad_fast::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x [..., in] bf16 -> [..., out_features] bf16 = x @ W.T + bias, W the weight packed under key ``slot`` (0-dim
-    int64 CPU tensor)."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _PACKED[int(slot)], bias, "none", [], "")
+def packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor, out_features: int,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] bf16 -> [..., out_features] bf16 = x @ W.T + bias (+ residual [..., out_features] bf16, added in
+    the GEMM's fp32 epilogue), W the weight packed under key ``slot`` (0-dim int64 CPU tensor)."""
+    x2, w = x.reshape(-1, x.shape[-1]), _PACKED[int(slot)]
+    if residual is None:
+        y = torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")
+    else:
+        y = torch.ops.mkldnn._linear_pointwise.binary(x2, residual.reshape(-1, out_features), w, bias, "add")
     return y.view(*x.shape[:-1], out_features)
 
 
 @packed_linear.register_fake
-def _(x, bias, slot, out_features):
+def _(x, bias, slot, out_features, residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
@@ -85,11 +90,15 @@ class PackedLinear(nn.Linear):
         self._packed_key = key
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., in] -> [..., out] (+ residual [..., out]: a residual block's skip connection, fused into the GEMM
+        on the packed path; Hopper B=256 1024x1024: 320-336 µs vs 385-408 µs as GEMM then add)."""
         if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() > MAX_ROWS * x.shape[-1] or (
-                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return F.linear(x, self.weight, self.bias)  # no autograd through the packed op
-        return packed_linear(x, self.bias, self.slot, self.out_features)
+                torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or (
+                residual is not None and (residual.dtype != torch.bfloat16 or not residual.is_contiguous())):
+            y = F.linear(x, self.weight, self.bias)  # no autograd through the packed op
+            return y if residual is None else residual + y
+        return packed_linear(x, self.bias, self.slot, self.out_features, residual)
 
 
 # More rows than this run plain F.linear (a static-shape branch, free under torch.compile). 1024x1024 GEMM, µs,

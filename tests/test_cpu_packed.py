@@ -48,7 +48,28 @@ def test_prepack_keeps_names_and_outputs():
     assert list(dict(packed.state_dict())) == list(dict(plain.state_dict()))
     x, a, t = torch.randn(9, H, O + 2), torch.randn(9, H, A), torch.randint(0, 10, (9,))
     with torch.inference_mode():
-        assert torch.equal(packed(x, a, t), plain(x, a, t))
+        exact, out_plain, out_packed = denoiser(x, a, t), plain(x, a, t), packed(x, a, t)
+    # Not bit-equal: the packed blocks add the skip connection in the GEMM's fp32 epilogue (one bf16 rounding
+    # instead of two), so they may differ from plain bf16 by an ulp per block, and must be no less accurate.
+    err_plain, err_packed = (out_plain - exact).abs().max(), (out_packed - exact).abs().max()
+    assert 0 < err_packed <= 1.25 * err_plain, (err_packed, err_plain)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 256])
+def test_packed_residual_is_one_rounding_of_the_exact_sum(rows):
+    """x @ W.T + b + residual in the fp32 epilogue, rounded once: within one bf16 ulp of the fp32 result; the plain
+    fallback (a non-contiguous residual) computes residual + F.linear."""
+    torch.manual_seed(1)
+    lin = nn.Linear(320, 256).to(torch.bfloat16).requires_grad_(False)
+    packed = cpu_packed.PackedLinear.from_linear(lin, batch_hint=256)
+    x, res = torch.randn(rows, 320).to(torch.bfloat16), torch.randn(rows, 256).to(torch.bfloat16)
+    with torch.inference_mode():
+        out = packed(x, residual=res)
+        exact = x.float() @ lin.weight.float().T + lin.bias.float() + res.float()
+        assert out.dtype == torch.bfloat16
+        assert ((out.float() - exact).abs() <= torch.finfo(torch.bfloat16).eps * exact.abs() + 1e-6).all()
+        res_strided = torch.randn(rows, 512).to(torch.bfloat16)[:, ::2]
+        assert torch.equal(packed(x, residual=res_strided), res_strided + F.linear(x, lin.weight, lin.bias))
 
 
 def _pair(compile=False):
@@ -64,14 +85,16 @@ def test_sampler_packed_equals_plain_and_follows_weight_updates():
     start = torch.randn(6, O)
     noise = SamplerNoise.draw(5, 6, H, O + 2, A, generator=torch.Generator().manual_seed(1))
     before = packed.sample(start, noise=noise)
-    assert torch.equal(before.actions, plain.sample(start, noise=noise).actions)
+    # packed and plain differ only by bf16 roundings of the fused skip connection (see above): a few 1e-3 here
+    close = dict(atol=0.03, rtol=0.02)
+    torch.testing.assert_close(before.actions, plain.sample(start, noise=noise).actions, **close)
     with torch.no_grad():  # an in-place update, as an optimizer or EMA step does
         denoiser.trunk.blocks[1].linear.weight.mul_(1.5)
         policy.mlp[3].weight.add_(0.05)  # (the policy copy is not packed; checked anyway)
     after, after_plain = packed.sample(start, noise=noise), plain.sample(start, noise=noise)
-    assert not torch.equal(after.observations, before.observations)
+    assert (after.observations - before.observations).abs().max() > 10 * close["atol"]  # a stale pack would show
     for name in ("observations", "actions"):
-        assert torch.equal(getattr(after, name), getattr(after_plain, name)), name
+        torch.testing.assert_close(getattr(after, name), getattr(after_plain, name), **close)
 
 
 def test_compiled_refresh_does_not_recompile():

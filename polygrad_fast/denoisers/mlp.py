@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cpu_packed import PackedLinear
 from .base import Denoiser
 
 
@@ -56,7 +57,10 @@ class ResidualBlock(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.dropout(self.linear(F.relu(self.norm(h))))
+        z = F.relu(self.norm(h))
+        if isinstance(self.linear, PackedLinear) and isinstance(self.dropout, nn.Identity):
+            return self.linear(z, residual=h)  # the skip connection added in the GEMM's epilogue
+        return h + self.dropout(self.linear(z))
 
 
 class ResidualMLP(nn.Module):
