@@ -368,13 +368,12 @@ class FastGuidedSampler:
             a.copy_(noise.a_T)
             step_inputs = self._step_inputs(buf)
             change = None
-            for t in reversed(range(T)):
+            for t in reversed(range(T)):  # rebinding, not copying back: 2 fewer passes per step
                 clip = c.clip_state_change if t <= step_ops.CLIP_STATE_CHANGE_MAX_T else None
-                x_new, a_new, change = self._step(x, a, step_inputs[t], start, self._rows[t], g, clip,
-                                                  None if t == 0 else noise.state[t], noise.action[t], t == 0)
-                x.copy_(x_new)
-                a.copy_(a_new)
-            return x.clone(), a.clone(), change_metrics(change)
+                x, a, change = self._step(x, a, step_inputs[t], start, self._rows[t], g, clip,
+                                          None if t == 0 else noise.state[t], noise.action[t], t == 0)
+            # a step may return its input (an identity action update): never hand out the reused buffers
+            return (x.clone() if x is buf["x"] else x), (a.clone() if a is buf["a"] else a), change_metrics(change)
 
     def _denoise_and_step(self, x, a, step_input, start, coef, g, clip_state_change, state_noise, action_noise,
                           last: bool):

@@ -124,6 +124,18 @@ def test_generator_reproducible_and_shared_between_paths():
     assert_batches_close(a, c)
 
 
+@pytest.mark.parametrize("guidance_type", ["grad", "none"])
+def test_results_do_not_alias_the_reused_buffers(guidance_type):
+    """A later call must not overwrite an earlier result ('none' leaves the actions as the step's input tensor)."""
+    sampler = FastGuidedSampler(*make_setup(), backend="torch", denoiser_dtype="float32",
+                                guidance_type=guidance_type, clip_std=None)
+    first = sampler.sample(torch.randn(4, O), generator=torch.Generator().manual_seed(5))
+    kept = {k: getattr(first, k).clone() for k in ("observations_normalized", "actions_normalized")}
+    sampler.sample(torch.randn(4, O), generator=torch.Generator().manual_seed(6))
+    for k, v in kept.items():
+        assert torch.equal(getattr(first, k), v), k
+
+
 def test_batch_layout_and_raw_fields():
     denoiser, schedule, policy, normalizer = setup = make_setup()
     start_raw = torch.randn(6, O) * 3 + 1
