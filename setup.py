@@ -130,6 +130,6 @@ setup(
     packages=find_packages(include=["polygrad_fast", "polygrad_fast.*"]) + ["polygrad_fast.kernels"],
     # kernels/ lives at the top level of the repository but is installed inside the polygrad_fast namespace.
     package_dir={"polygrad_fast.kernels": "kernels"},
-    ext_modules=[CMakeExtension("polygrad_fast._buffer_native")],
+    ext_modules=[CMakeExtension("polygrad_fast._buffer_native"), CMakeExtension("polygrad_fast._cpu_ops")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -1,0 +1,63 @@
+// pybind11 bindings of the fused CPU ops: module polygrad_fast._cpu_ops. Tensors cross as raw pointers (integers
+// from tensor.data_ptr()) plus sizes and strides, so no torch headers are needed; polygrad_fast/cpu_layer_norm.py
+// validates shapes, dtypes and contiguity before calling. The GIL is released while the kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "layer_norm_act.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+pgf_ops::Act parse_act(const std::string& a) {
+  if (a == "none") return pgf_ops::Act::None;
+  if (a == "relu") return pgf_ops::Act::Relu;
+  if (a == "elu") return pgf_ops::Act::Elu;
+  throw py::value_error("layer_norm_act: unknown activation '" + a + "' (expected 'none', 'relu' or 'elu')");
+}
+
+pgf_ops::DType parse_dtype(const std::string& d) {
+  if (d == "float32") return pgf_ops::DType::F32;
+  if (d == "bfloat16") return pgf_ops::DType::BF16;
+  throw py::value_error("layer_norm_act: unsupported dtype '" + d + "' (expected 'float32' or 'bfloat16')");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu_ops, m) {
+  m.doc() = "polygrad_fast fused CPU ops (raw-pointer kernels, no torch headers)";
+  m.def(
+      "layer_norm_act",
+      [](uintptr_t x, uintptr_t y, uintptr_t w, uintptr_t b, int64_t rows, int64_t width, int64_t x_row_stride,
+         int64_t y_row_stride, const std::string& dtype, double eps, const std::string& activation, int threads) {
+        if (rows < 0 || width < 0) throw py::value_error("layer_norm_act: negative size");
+        if (rows > 0 && width > 0 && (!x || !y)) throw py::value_error("layer_norm_act: null data pointer");
+        const auto dt = parse_dtype(dtype);
+        const auto act = parse_act(activation);
+        py::gil_scoped_release release;
+        pgf_ops::layer_norm_act(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y),
+                                reinterpret_cast<const void*>(w), reinterpret_cast<const void*>(b), rows, width,
+                                x_row_stride, y_row_stride, dt, static_cast<float>(eps), act, threads);
+      },
+      py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("rows"), py::arg("width"),
+      py::arg("x_row_stride"), py::arg("y_row_stride"), py::arg("dtype"), py::arg("eps"), py::arg("activation"),
+      py::arg("threads"),
+      "y[r, :] = act(layer_norm(x[r, :]) * weight + bias) for rows r; pointers as integers (weight/bias 0 = none); "
+      "row strides in elements, last dimension contiguous; dtype 'float32' or 'bfloat16'; activation 'none', "
+      "'relu' or 'elu'; threads: OpenMP threads (results do not depend on it).");
+  m.def("isa", &pgf_ops::layer_norm_act_isa, "The implementation layer_norm_act uses on this CPU.");
+  m.def("openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether the module was built with OpenMP.");
+}

@@ -1,0 +1,185 @@
+"""Fused LayerNorm(+affine) + activation on CPU: one native pass per row instead of inductor's LayerNorm kernel
+plus a separate Sleef-exp ELU.
+
+``layer_norm_act(x, weight, bias, eps, activation)`` is the opaque custom op ``polygrad_fast::layer_norm_act``
+(activation 'none', 'relu' or 'elu' with alpha 1) running the C++ kernel of ``polygrad_fast._cpu_ops``
+(csrc/cpu_ops/layer_norm_act.cpp) on contiguous CPU bf16/fp32 tensors, on torch's OpenMP threads
+(``torch.get_num_threads()``); anything else (other dtypes or devices, extension missing) runs the plain torch
+reference ``layer_norm_act_reference``. Inside ``torch.compile`` the op stays opaque (its fake returns an empty
+tensor of x's shape).
+
+``FusedLayerNormAct`` is an ``nn.LayerNorm`` that applies the activation too and shares the original module's
+Parameters (state dict unchanged); ``fuse_layer_norm_acts(module)`` swaps every ``LayerNorm`` directly followed by
+``ELU()`` (alpha 1) or ``ReLU()`` in an ``nn.Sequential`` for it (the activation's slot becomes ``nn.Identity()``,
+so indices and state-dict keys stay). Its forward uses plain torch whenever the native kernel cannot be used or
+autograd is needed, so it is always correct.
+
+Numerics: mean and biased variance in fp32 with two passes over the row (like torch), rstd = 1/sqrt(var + eps);
+ELU uses a range-reduced polynomial expm1 (about 1 fp32 ulp); bf16 outputs round to nearest even like torch. The
+result is within fp32 rounding of torch (reduction order differs), so bf16 outputs can differ from torch's by one
+bf16 ulp on rare elements near a rounding boundary. Set POLYGRAD_FAST_NO_NATIVE=1 to pretend the extension is absent.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ACTIVATIONS", "FusedLayerNormAct", "available", "fuse_layer_norm_acts", "layer_norm_act",
+           "layer_norm_act_reference", "native_error"]
+
+ACTIVATIONS = ("none", "relu", "elu")
+_NATIVE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+
+_module: ModuleType | None = None
+_error: str | None = None
+_loaded = False
+
+
+def _native() -> ModuleType | None:
+    global _module, _error, _loaded
+    if not _loaded:
+        if os.environ.get("POLYGRAD_FAST_NO_NATIVE", "0") not in ("", "0"):
+            _error = "disabled by POLYGRAD_FAST_NO_NATIVE"
+        else:
+            try:
+                _module = importlib.import_module("polygrad_fast._cpu_ops")
+            except Exception as exc:  # missing .so, ABI mismatch, missing libgomp, ...
+                _error = (f"{type(exc).__name__}: {exc} (build it with `pip install -e .`, or "
+                          f"`pip install -e . --no-build-isolation` after editing csrc/)")
+        _loaded = True
+    return _module
+
+
+def available() -> bool:
+    """True when the native fused kernel (polygrad_fast._cpu_ops) is importable."""
+    return _native() is not None
+
+
+def native_error() -> str | None:
+    """Why the native kernel is unavailable (None when it loaded)."""
+    _native()
+    return _error
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"layer_norm_act: unknown activation {activation!r} (expected one of {ACTIVATIONS})")
+    if x.dim() < 1:
+        raise ValueError("layer_norm_act: x must have at least one dimension")
+    width = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if p.dim() != 1 or p.shape[0] != width:
+            raise ValueError(f"layer_norm_act: {name} has shape {tuple(p.shape)}, expected ({width},) "
+                             f"(the width of x's last dimension)")
+        if p.dtype != x.dtype:
+            raise ValueError(f"layer_norm_act: {name} dtype {p.dtype} differs from x dtype {x.dtype}")
+        if p.device != x.device:
+            raise ValueError(f"layer_norm_act: {name} is on {p.device}, x on {x.device}")
+
+
+def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "elu":
+        return F.elu(y)
+    return y
+
+
+def layer_norm_act_reference(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                             activation: str) -> torch.Tensor:
+    """Plain torch: F.layer_norm over the last dimension, then the activation."""
+    _check(x, weight, bias, activation)
+    return _activate(F.layer_norm(x, (x.shape[-1],), weight, bias, eps), activation)
+
+
+def _native_ok(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    return (x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and available()
+            and all(p is None or p.is_contiguous() for p in (weight, bias)))
+
+
+@torch.library.custom_op("polygrad_fast::layer_norm_act", mutates_args=())
+def layer_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                   activation: str) -> torch.Tensor:
+    """act(layer_norm(x) * weight + bias) over x's last dimension (weight/bias may be None), same dtype as x.
+    Native on CPU bf16/fp32 (x is made contiguous first), plain torch otherwise. No autograd formula: use
+    ``FusedLayerNormAct``, which falls back to torch when gradients are needed."""
+    _check(x, weight, bias, activation)
+    if not _native_ok(x, weight, bias):
+        return layer_norm_act_reference(x, weight, bias, eps, activation).contiguous()
+    x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    width = x.shape[-1]
+    rows = x.numel() // width if width else 0
+    if rows and width:
+        _native().layer_norm_act(x.data_ptr(), out.data_ptr(), 0 if weight is None else weight.data_ptr(),
+                                 0 if bias is None else bias.data_ptr(), rows, width, width, width,
+                                 _NATIVE_DTYPES[x.dtype], float(eps), activation, torch.get_num_threads())
+    return out
+
+
+@layer_norm_act.register_fake
+def _(x, weight, bias, eps, activation):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+class FusedLayerNormAct(nn.LayerNorm):
+    """LayerNorm over the last dimension followed by an activation ('none', 'relu' or 'elu' with alpha 1), through
+    the fused native op when it applies; build it with ``from_layer_norm`` (Parameters shared, names unchanged)."""
+
+    activation: str
+
+    @classmethod
+    def from_layer_norm(cls, ln: nn.LayerNorm, activation: str) -> "FusedLayerNormAct":
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"FusedLayerNormAct: unknown activation {activation!r} (expected one of {ACTIVATIONS})")
+        if len(ln.normalized_shape) != 1:
+            raise ValueError(f"FusedLayerNormAct: only a LayerNorm over the last dimension can be fused, got "
+                             f"normalized_shape={tuple(ln.normalized_shape)}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.normalized_shape, new.eps, new.elementwise_affine = ln.normalized_shape, ln.eps, ln.elementwise_affine
+        new.weight, new.bias = ln.weight, ln.bias  # shared Parameters (or None): names and state dict unchanged
+        new.activation = activation
+        new.train(ln.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activation={self.activation!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        needs_grad = torch.is_grad_enabled() and (
+            x.requires_grad or (w is not None and w.requires_grad) or (b is not None and b.requires_grad))
+        if (not needs_grad and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES and x.is_contiguous()
+                and (w is None or w.dtype == x.dtype) and (b is None or b.dtype == x.dtype) and available()):
+            return layer_norm_act(x, w, b, self.eps, self.activation)
+        return _activate(F.layer_norm(x, self.normalized_shape, w, b, self.eps), self.activation)
+
+
+def fuse_layer_norm_acts(module: nn.Module) -> int:
+    """In place: inside every ``nn.Sequential`` of ``module``, replace each plain ``nn.LayerNorm`` (over the last
+    dimension) immediately followed by ``nn.ELU()`` with alpha 1 or ``nn.ReLU()`` by a ``FusedLayerNormAct`` and the
+    activation by ``nn.Identity()`` (indices and state-dict keys unchanged). Returns how many pairs it fused."""
+    fused = 0
+    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
+        for i in range(len(seq) - 1):
+            ln, act = seq[i], seq[i + 1]
+            if type(ln) is not nn.LayerNorm or len(ln.normalized_shape) != 1:
+                continue
+            if type(act) is nn.ELU and float(act.alpha) == 1.0:
+                name = "elu"
+            elif type(act) is nn.ReLU:
+                name = "relu"
+            else:
+                continue
+            seq[i] = FusedLayerNormAct.from_layer_norm(ln, name)
+            seq[i + 1] = nn.Identity()
+            fused += 1
+    return fused
