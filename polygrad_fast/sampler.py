@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from . import cpu_packed
+from . import cpu_layer_norm, cpu_packed
 from .backend import select_backend
 from .denoisers import Denoiser, low_precision_copy
 from .normalizer import Normalizer
@@ -79,6 +79,9 @@ class SamplerConfig:
     # at each weight sync (~5 ms for the Hopper denoiser), no recompile. Batches > cpu_packed.MAX_ROWS (512) run
     # plain (packed was slower there). False: the plain bf16 path.
     cpu_prepack: bool = True
+    # CPU low-precision copies only (denoiser and policy): every LayerNorm followed by ReLU/ELU runs as one native
+    # kernel (polygrad_fast.cpu_layer_norm) instead of inductor's LayerNorm kernel plus a Sleef-exp activation.
+    cpu_fuse_norm_act: bool = True
 
     def validate(self) -> None:
         choices = {"guidance_type": GUIDANCE_TYPES, "states_for_guidance": STATES_FOR_GUIDANCE,
@@ -236,6 +239,10 @@ class FastGuidedSampler:
                 and self._denoiser_fast is not self.denoiser and cpu_packed.available()
                 and cpu_packed.prepack_linears(self._denoiser_fast, batch_hint=256)):
             self._packed.append(self._denoiser_fast)
+        if cfg.cpu_fuse_norm_act and self.device.type == "cpu" and cpu_layer_norm.available():
+            for copy_ in (self._denoiser_fast, self._policy_copy):
+                if copy_ is not None and copy_ is not self.denoiser:  # our own copies only, never the user's
+                    cpu_layer_norm.fuse_layer_norm_acts(copy_)
         self._ops = _triton_ops() if self.backend == "triton" else TORCH_OPS
         # A polygrad_fast Denoiser runs each step on a precomputed time-embedding row (all T embedded once per
         # call); a foreign module gets the step vector t [B].

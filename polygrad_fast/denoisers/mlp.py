@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cpu_packed import PackedLinear
@@ -48,16 +47,20 @@ class RandomFourierTimeEmbedding(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Pre-norm residual block: h + dropout(Linear(relu(LayerNorm(h))))."""
+    """Pre-norm residual block: h + dropout(Linear(relu(LayerNorm(h)))).
+
+    ``norm`` then ``act`` (a parameter-free ReLU module) is the pair that ``cpu_layer_norm.fuse_layer_norm_acts``
+    fuses in inference copies."""
 
     def __init__(self, width: int, dropout: float):
         super().__init__()
         self.norm = nn.LayerNorm(width)
+        self.act = nn.ReLU()
         self.linear = nn.Linear(width, width)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = F.relu(self.norm(h))
+        z = self.act(self.norm(h))
         if isinstance(self.linear, PackedLinear) and isinstance(self.dropout, nn.Identity):
             return self.linear(z, residual=h)  # the skip connection added in the GEMM's epilogue
         return h + self.dropout(self.linear(z))
@@ -71,10 +74,11 @@ class ResidualMLP(nn.Module):
         self.input = nn.Linear(in_dim, width)
         self.blocks = nn.Sequential(*(ResidualBlock(width, dropout) for _ in range(depth)))
         self.norm = nn.LayerNorm(width)
+        self.act = nn.ReLU()  # with norm: a fusable pair (see ResidualBlock)
         self.output = nn.Linear(width, out_dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.output(F.relu(self.norm(self.blocks(self.input(h)))))
+        return self.output(self.act(self.norm(self.blocks(self.input(h)))))
 
 
 class ResidualMLPDenoiser(Denoiser):
