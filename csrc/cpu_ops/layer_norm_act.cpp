@@ -67,31 +67,38 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN -> canonic
 // Portable implementation.
 
 inline float expm1_nonpos(float t) {  // t in [kExpLo, 0]; branch-free so loops over it vectorise
-  const float magic = 12582912.0f;    // 1.5 * 2^23: (v + magic) - magic rounds v to the nearest integer (even ties)
-  float n = (t * kLog2e + magic) - magic;
-  float r = t - n * kLn2Hi;
+  // n = round(t / ln2) with the 1.5 * 2^23 trick; with 127 added, the low mantissa bits of nf hold the biased
+  // exponent n + 127 in [0, 127], so (bits << 23) is 2^n as a float (0 for n = -127: fine, expm1 = -1 there).
+  const float magic = 12582912.0f + 127.0f;
+  const float nf = t * kLog2e + magic;
+  const float n = nf - magic;
+  float r = t - n * kLn2Hi;  // Cephes split: n * kLn2Hi is exact (kLn2Hi has 9 significant bits)
   r = r - n * kLn2Lo;
   float p = kP0;
   p = p * r + kP1;
   p = p * r + kP2;
   p = p * r + kP3;
   p = p * r + kP4;
-  float q = p * (r * r) + r;  // e^r - 1
-  int32_t ni = static_cast<int32_t>(n);
-  uint32_t bits = static_cast<uint32_t>(ni + 127) << 23;  // 2^n (n >= -127; n = -127 gives 0, fine here)
+  const float q = p * (r * r) + r;  // e^r - 1
+  uint32_t bits;
+  std::memcpy(&bits, &nf, 4);
+  bits <<= 23;
   float s;
   std::memcpy(&s, &bits, 4);
   return q * s + (s - 1.0f);
 }
 
+// Branch-free, so the portable loops vectorise. ELU as the AVX-512 path: t = -min(|v|, 88), max(expm1(t), v) (for
+// v <= 0, expm1(v) >= v; for v > 0, expm1(t) < 0 < v); a NaN v fails both comparisons and is returned as is.
 template <Act A>
 inline float act_scalar(float v) {
   if constexpr (A == Act::Relu) {
-    return v > 0.0f ? v : (v != v ? v : 0.0f);  // NaN propagates, like torch.relu
+    return v < 0.0f ? 0.0f : v;  // NaN is not < 0: propagates, like torch.relu
   } else if constexpr (A == Act::Elu) {
-    float t = std::max(std::min(v, 0.0f), kExpLo);
-    float e = expm1_nonpos(t);
-    return v > 0.0f ? v : (v != v ? v : e);
+    const float a = std::fabs(v);
+    const float t = -(a < -kExpLo ? a : -kExpLo);
+    const float e = expm1_nonpos(t);
+    return e > v ? e : v;
   } else {
     return v;
   }
@@ -137,12 +144,7 @@ inline void generic_row(const T* __restrict x, T* __restrict y, const float* __r
   }
   var /= static_cast<float>(width);
   const float rstd = 1.0f / std::sqrt(var + eps);
-  for (int64_t j = 0; j < width; ++j) {
-    float v = (buf[j] - mean) * rstd;
-    if (w) v = v * w[j];
-    if (b) v = v + b[j];
-    buf[j] = act_scalar<A>(v);
-  }
+  for (int64_t j = 0; j < width; ++j) buf[j] = act_scalar<A>((buf[j] - mean) * rstd * w[j] + b[j]);
   for (int64_t j = 0; j < width; ++j) store_scalar(y, j, buf[j]);
 }
 
@@ -432,21 +434,15 @@ void layer_norm_act(const void* x, void* y, const void* w, const void* b, int64_
   if (rows <= 0 || width <= 0) return;
   const bool vec = use_avx512();
   const int64_t padded = (width + 15) & ~int64_t(15);
-  // fp32 copies of the affine parameters, converted once per call and shared by all threads. The AVX-512 path always
-  // applies them (ones / zeros when absent: x * 1 + 0 is exact), the generic path skips absent ones.
-  std::vector<float> wf, bf;
-  if (w || vec) {
-    wf.assign(padded, 1.0f);
-    if (w) for (int64_t i = 0; i < width; ++i)
-      wf[i] = dt == DType::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(w)[i]) : static_cast<const float*>(w)[i];
-  }
-  if (b || vec) {
-    bf.assign(padded, 0.0f);
-    if (b) for (int64_t i = 0; i < width; ++i)
-      bf[i] = dt == DType::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(b)[i]) : static_cast<const float*>(b)[i];
-  }
-  const float* wp = wf.empty() ? nullptr : wf.data();
-  const float* bp = bf.empty() ? nullptr : bf.data();
+  // fp32 copies of the affine parameters, converted once per call and shared by all threads, padded to whole
+  // vectors; ones / zeros when absent (v * 1 + 0 is v), so both paths always apply them.
+  std::vector<float> wf(padded, 1.0f), bf(padded, 0.0f);
+  for (int64_t i = 0; w && i < width; ++i)
+    wf[i] = dt == DType::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(w)[i]) : static_cast<const float*>(w)[i];
+  for (int64_t i = 0; b && i < width; ++i)
+    bf[i] = dt == DType::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(b)[i]) : static_cast<const float*>(b)[i];
+  const float* wp = wf.data();
+  const float* bp = bf.data();
 
   auto run = [&](int64_t r0, int64_t r1) {
     // 64-byte aligned scratch row, padded to whole vectors.
