@@ -279,3 +279,9 @@ def test_fused_module_under_torch_compile(dtype):
         torch.testing.assert_close(y.float(), ref.float(), atol=0.1, rtol=0.05)
     torch.testing.assert_close(y, eager, atol=1e-4 if dtype == torch.float32 else 0.05, rtol=0.02)
     torch.testing.assert_close(y2, ref2, atol=1e-4 if dtype == torch.float32 else 0.05, rtol=0.02)
+    if cln.available():  # one graph, with the fused op in it (opaque custom op, no graph break)
+        with torch.no_grad():
+            explained = torch._dynamo.explain(net)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1
+        code = "\n".join(g.code for g in explained.graphs)
+        assert code.count("polygrad_fast.layer_norm_act") == 2
