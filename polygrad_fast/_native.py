@@ -1,8 +1,9 @@
-"""Loader of the native trajectory-buffer extension (polygrad_fast._buffer_native).
+"""Loader of the native extensions: polygrad_fast._buffer_native (trajectory buffer) and polygrad_fast._cpu_ops
+(fused CPU kernels: LayerNorm+activation, normal noise).
 
-Importing polygrad_fast never fails because of the extension: if it is missing or does not load, ``native()``
-returns None, the buffer falls back to the numpy reference, and one warning says why (once per process).
-Set POLYGRAD_FAST_NO_NATIVE=1 to pretend the extension is absent (used by the fallback test).
+Importing polygrad_fast never fails because of an extension: if one is missing or does not load, ``extension(name)``
+returns None and ``extension_error(name)`` says why; each user falls back to its pure torch/numpy twin (the buffer
+also warns once per process). Set POLYGRAD_FAST_NO_NATIVE=1 to pretend every extension is absent (fallback tests).
 """
 from __future__ import annotations
 
@@ -12,35 +13,47 @@ import threading
 import warnings
 from types import ModuleType
 
-__all__ = ["native", "native_available", "native_build_info", "native_error", "warn_fallback_once"]
+__all__ = ["extension", "extension_error", "native", "native_available", "native_build_info", "native_error",
+           "warn_fallback_once"]
 
+BUFFER, CPU_OPS = "_buffer_native", "_cpu_ops"
 _lock = threading.Lock()
-_loaded = False
-_module: ModuleType | None = None
-_error: str | None = None
+_modules: dict[str, ModuleType | None] = {}
+_errors: dict[str, str | None] = {}
 _warned = False
 
 
-def _load() -> None:
-    global _loaded, _module, _error
+def _load(name: str) -> None:
     with _lock:
-        if _loaded:
+        if name in _modules:
             return
+        module, error = None, None
         if os.environ.get("POLYGRAD_FAST_NO_NATIVE", "0") not in ("", "0"):
-            _error = "disabled by POLYGRAD_FAST_NO_NATIVE"
+            error = "disabled by POLYGRAD_FAST_NO_NATIVE"
         else:
             try:
-                _module = importlib.import_module("polygrad_fast._buffer_native")
+                module = importlib.import_module(f"polygrad_fast.{name}")
             except Exception as exc:  # missing .so, ABI mismatch, missing libgomp, ...
-                _error = (f"{type(exc).__name__}: {exc} (build it with `pip install -e .`, or "
-                          f"`pip install -e . --no-build-isolation` after editing csrc/)")
-        _loaded = True
+                error = (f"{type(exc).__name__}: {exc} (build it with `pip install -e .`, or "
+                         f"`pip install -e . --no-build-isolation` after editing csrc/)")
+        _modules[name], _errors[name] = module, error
+
+
+def extension(name: str) -> ModuleType | None:
+    """The extension module ``polygrad_fast.<name>``, or None if it is unavailable."""
+    _load(name)
+    return _modules[name]
+
+
+def extension_error(name: str) -> str | None:
+    """Why ``polygrad_fast.<name>`` is unavailable (None when it loaded)."""
+    _load(name)
+    return _errors[name]
 
 
 def native() -> ModuleType | None:
-    """The extension module, or None if it is unavailable."""
-    _load()
-    return _module
+    """The trajectory-buffer extension module, or None if it is unavailable."""
+    return extension(BUFFER)
 
 
 def native_available() -> bool:
@@ -49,9 +62,8 @@ def native_available() -> bool:
 
 
 def native_error() -> str | None:
-    """Why the extension is unavailable (None when it loaded)."""
-    _load()
-    return _error
+    """Why the buffer extension is unavailable (None when it loaded)."""
+    return extension_error(BUFFER)
 
 
 def warn_fallback_once() -> None:

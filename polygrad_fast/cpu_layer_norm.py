@@ -21,13 +21,11 @@ bf16 ulp on rare elements near a rounding boundary. Set POLYGRAD_FAST_NO_NATIVE=
 """
 from __future__ import annotations
 
-import importlib
-import os
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ._native import CPU_OPS, extension, extension_error
 
 __all__ = ["ACTIVATIONS", "FusedLayerNormAct", "available", "fuse_layer_norm_acts", "layer_norm_act",
            "layer_norm_act_reference", "native_error"]
@@ -35,39 +33,18 @@ __all__ = ["ACTIVATIONS", "FusedLayerNormAct", "available", "fuse_layer_norm_act
 ACTIVATIONS = ("none", "relu", "elu")
 _NATIVE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
-_module: ModuleType | None = None
-_error: str | None = None
-_loaded = False
-
-
-def _native() -> ModuleType | None:
-    global _module, _error, _loaded
-    if not _loaded:
-        if os.environ.get("POLYGRAD_FAST_NO_NATIVE", "0") not in ("", "0"):
-            _error = "disabled by POLYGRAD_FAST_NO_NATIVE"
-        else:
-            try:
-                _module = importlib.import_module("polygrad_fast._cpu_ops")
-            except Exception as exc:  # missing .so, ABI mismatch, missing libgomp, ...
-                _error = (f"{type(exc).__name__}: {exc} (build it with `pip install -e .`, or "
-                          f"`pip install -e . --no-build-isolation` after editing csrc/)")
-        _loaded = True
-    return _module
-
-
-_native()  # load now, not while dynamo traces a forward (a first import inside a traced function breaks the graph)
+_module = extension(CPU_OPS)  # loaded now, not while dynamo traces a forward (an import there breaks the graph)
 _AVAILABLE = _module is not None
 
 
 def available() -> bool:
     """True when the native fused kernel (polygrad_fast._cpu_ops) is importable."""
-    return _native() is not None
+    return _AVAILABLE
 
 
 def native_error() -> str | None:
     """Why the native kernel is unavailable (None when it loaded)."""
-    _native()
-    return _error
+    return extension_error(CPU_OPS)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, activation: str) -> None:
@@ -175,23 +152,33 @@ class FusedLayerNormAct(nn.LayerNorm):
         return _activate(F.layer_norm(x, self.normalized_shape, w, b, self.eps), self.activation)
 
 
+def _fusable_activation(act: nn.Module) -> str | None:
+    if type(act) is nn.ELU and float(act.alpha) == 1.0:
+        return "elu"
+    if type(act) is nn.ReLU:
+        return "relu"
+    return None
+
+
 def fuse_layer_norm_acts(module: nn.Module) -> int:
-    """In place: inside every ``nn.Sequential`` of ``module``, replace each plain ``nn.LayerNorm`` (over the last
-    dimension) immediately followed by ``nn.ELU()`` with alpha 1 or ``nn.ReLU()`` by a ``FusedLayerNormAct`` and the
-    activation by ``nn.Identity()`` (indices and state-dict keys unchanged). Returns how many pairs it fused."""
+    """In place: replace each plain ``nn.LayerNorm`` (over the last dimension) that is followed by ``nn.ELU()``
+    with alpha 1 or ``nn.ReLU()`` by a ``FusedLayerNormAct`` and the activation by ``nn.Identity()`` (names, indices
+    and state-dict keys unchanged). Pairs are (a) adjacent entries of an ``nn.Sequential`` and (b) the children
+    ``norm`` and ``act`` of one module, which by convention applies ``act(norm(x))`` (the MLP denoiser's blocks).
+    Returns how many pairs it fused."""
     fused = 0
-    for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(seq) - 1):
-            ln, act = seq[i], seq[i + 1]
-            if type(ln) is not nn.LayerNorm or len(ln.normalized_shape) != 1:
+    for parent in list(module.modules()):
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            pairs = list(zip(names[:-1], names[1:]))
+        else:
+            pairs = [("norm", "act")] if {"norm", "act"} <= set(parent._modules) else []
+        for norm_name, act_name in pairs:
+            ln, act = parent._modules[norm_name], parent._modules[act_name]
+            name = _fusable_activation(act)
+            if type(ln) is not nn.LayerNorm or len(ln.normalized_shape) != 1 or name is None:
                 continue
-            if type(act) is nn.ELU and float(act.alpha) == 1.0:
-                name = "elu"
-            elif type(act) is nn.ReLU:
-                name = "relu"
-            else:
-                continue
-            seq[i] = FusedLayerNormAct.from_layer_norm(ln, name)
-            seq[i + 1] = nn.Identity()
+            parent._modules[norm_name] = FusedLayerNormAct.from_layer_norm(ln, name)
+            parent._modules[act_name] = nn.Identity()
             fused += 1
     return fused

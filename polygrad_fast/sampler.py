@@ -6,7 +6,7 @@ elementwise updates go through ``self._ops`` so a backend can swap them (referen
 ``polygrad_fast.reference.step_ops``; fused Triton kernels on CUDA).
 
 The loop is written to be CUDA-graph capturable: buffers are preallocated per batch size, all noise is drawn
-in one ``randn`` before the loop, the guidance scale is a device tensor, and control flow depends only on the
+in one draw before the loop, the guidance scale is a device tensor, and control flow depends only on the
 Python step index t, never on tensor values.
 
 Shapes: B batch, H horizon, O obs dim, D = O + 2, A action dim, T diffusion steps.
@@ -24,6 +24,7 @@ from torch import nn
 from . import cpu_layer_norm, cpu_packed
 from .backend import select_backend
 from .denoisers import Denoiser, low_precision_copy
+from .noise import fill_standard_normal
 from .normalizer import Normalizer
 from .policy import policy_mean_std
 from .reference import step_ops
@@ -31,6 +32,7 @@ from .reference.guided_sampling import SamplerNoise, change_metrics, guided_samp
 from .reference.step_ops import _SIGMA, _SQRT_ABAR, GUIDANCE_TYPES, STATES_FOR_GUIDANCE
 from .schedule import NoiseSchedule
 
+RECOMPILE_LIMIT = 64  # compiled entries of the step function before dynamo falls back to eager
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -79,8 +81,9 @@ class SamplerConfig:
     # at each weight sync (~5 ms for the Hopper denoiser), no recompile. Batches > cpu_packed.MAX_ROWS (512) run
     # plain (packed was slower there). False: the plain bf16 path.
     cpu_prepack: bool = True
-    # CPU low-precision copies only (denoiser and policy): every LayerNorm followed by ReLU/ELU runs as one native
-    # kernel (polygrad_fast.cpu_layer_norm) instead of inductor's LayerNorm kernel plus a Sleef-exp activation.
+    # CPU low-precision copies only: LayerNorm followed by ReLU/ELU runs as one native kernel
+    # (polygrad_fast.cpu_layer_norm): in the policy copy always, in the denoiser copy only when not compiled (see
+    # _setup_fast for the measurements). False: torch/inductor LayerNorm and activation.
     cpu_fuse_norm_act: bool = True
 
     def validate(self) -> None:
@@ -239,21 +242,31 @@ class FastGuidedSampler:
                 and self._denoiser_fast is not self.denoiser and cpu_packed.available()
                 and cpu_packed.prepack_linears(self._denoiser_fast, batch_hint=256)):
             self._packed.append(self._denoiser_fast)
+        compiled = cfg.compile and self.backend == "torch" and not cfg.update_states
         if cfg.cpu_fuse_norm_act and self.device.type == "cpu" and cpu_layer_norm.available():
-            for copy_ in (self._denoiser_fast, self._policy_copy):
-                if copy_ is not None and copy_ is not self.denoiser:  # our own copies only, never the user's
-                    cpu_layer_norm.fuse_layer_norm_acts(copy_)
+            # Hopper B=256, sample() min of 5-8 interleaved rounds (s): compiled: nothing fused 0.575, policy 0.547,
+            # policy + denoiser 0.551, denoiser 0.596 (in a compiled graph the op's dispatch cost and the lost
+            # fusion of the residual add outweigh the faster 256x1024 kernel); eager: nothing 0.811, policy 0.695,
+            # both 0.627. Our own copies only, never the user's modules.
+            copies = [self._policy_copy] + ([] if compiled or self._denoiser_fast is self.denoiser
+                                            else [self._denoiser_fast])
+            for module in copies:
+                if module is not None:
+                    cpu_layer_norm.fuse_layer_norm_acts(module)
         self._ops = _triton_ops() if self.backend == "triton" else TORCH_OPS
         # A polygrad_fast Denoiser runs each step on a precomputed time-embedding row (all T embedded once per
         # call); a foreign module gets the step vector t [B].
         self._embeds_time = isinstance(self._denoiser_fast, Denoiser)
         self._denoise = self._denoiser_fast.forward_embedded if self._embeds_time else self._denoiser_fast
         self._step = self._denoise_and_step
-        if cfg.compile and self.backend == "torch" and not cfg.update_states:
+        if compiled:
             # One graph for the whole step (denoiser, state op, policy, action op): t enters as tensors and Python
             # switches, so the T steps share 3 graphs (clip off, clip on, last) instead of one per t. Hopper B=256:
             # sample() 4-9% faster than with the denoiser and the rest compiled as two graphs (interleaved rounds).
-            self._step = torch.compile(self._denoise_and_step)
+            # The compiled entries of the step are shared by all samplers (same options and structure: same
+            # graphs, no recompile); each other option set adds its 3 graphs, so dynamo's default limit of 8 would
+            # send a third differently configured sampler to eager mode.
+            self._step = torch.compile(self._denoise_and_step, recompile_limit=RECOMPILE_LIMIT)
         self._rows = list(self.step_table.unbind(0))  # coef rows [4], views made once
         self._buffers: dict | None = None
         # backend 'triton': calls without explicit noise replay the whole loop as a CUDA graph
@@ -367,7 +380,7 @@ class FastGuidedSampler:
         grad_mode = torch.no_grad() if c.update_states else torch.inference_mode()
         with grad_mode:
             if noise is None:
-                torch.randn(buf["noise"].shape, generator=generator, device=self.device, out=buf["noise"])
+                fill_standard_normal(buf["noise"], generator)
                 noise = SamplerNoise.from_buffer(buf["noise"], self.transition_dim)
             x, a = buf["x"], buf["a"]
             x.copy_(noise.x_T)

@@ -248,6 +248,23 @@ def test_fuse_keeps_state_dict_and_outputs():
     net.load_state_dict(before)  # loads into the shared Parameters
 
 
+def test_fuse_norm_act_children_of_the_mlp_denoiser():
+    """The denoiser's blocks apply act(norm(h)) with children named ``norm`` and ``act``: all 6 + 1 pairs fuse,
+    the state dict is unchanged and the fp32 outputs agree to fp32 rounding."""
+    from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
+    torch.manual_seed(0)
+    model = ResidualMLPDenoiser(4, 7, 3, MLPDenoiserConfig(hidden_dim=96, num_layers=6)).eval()
+    keys = list(model.state_dict())
+    x, a, t = torch.randn(5, 4, 7), torch.randn(5, 4, 3), torch.randint(0, 10, (5,))
+    with torch.no_grad():
+        ref = model(x, a, t)
+        assert cln.fuse_layer_norm_acts(model) == 7
+        assert all(isinstance(b.norm, cln.FusedLayerNormAct) and isinstance(b.act, nn.Identity)
+                   for b in model.trunk.blocks)
+        assert list(model.state_dict()) == keys
+        torch.testing.assert_close(model(x, a, t), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_fused_module_falls_back_when_grad_is_needed():
     net = _net()
     x = torch.randn(9, 11)

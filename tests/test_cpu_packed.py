@@ -132,3 +132,20 @@ def test_more_compiled_samplers_reuse_the_graphs():
             frames = dict(torch._dynamo.utils.counters["frames"])
     assert dict(torch._dynamo.utils.counters["frames"]) == frames  # nothing compiled after the first sampler
     assert not torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[1], outputs[2])
+
+
+def test_differently_configured_compiled_samplers_all_run_compiled():
+    """Each option set compiles up to 3 graphs of the one step function; five option sets must all stay compiled
+    (dynamo's default limit of 8 entries per function would send the later ones to eager mode)."""
+    torch._dynamo.reset()
+    denoiser, policy = _models()
+    start = torch.randn(6, O)
+    noise = SamplerNoise.draw(5, 6, H, O + 2, A, generator=torch.Generator().manual_seed(1))
+    for options in ({}, {"guidance_type": "sample"}, {"clip_std": None}, {"states_for_guidance": "posterior_mean"},
+                    {"action_noise_scale": 0.5}):
+        sampler = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), denoiser_dtype="bfloat16",
+                                    backend="torch", compile=True, **options)
+        sampler.sample(start, noise=noise)
+    code = FastGuidedSampler._denoise_and_step.__code__
+    # 13 entries on torch 2.13 (a few option sets share graphs); capped at 8 without the sampler's raised limit
+    assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) > 8

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "layer_norm_act.hpp"
+#include "normal_noise.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -52,6 +53,25 @@ PYBIND11_MODULE(_cpu_ops, m) {
       "y[r, :] = act(layer_norm(x[r, :]) * weight + bias) for rows r; pointers as integers (weight/bias 0 = none); "
       "row strides in elements, last dimension contiguous; dtype 'float32' or 'bfloat16'; activation 'none', "
       "'relu' or 'elu'; threads: OpenMP threads (results do not depend on it).");
+  m.def(
+      "normal_fill",
+      [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, int threads) {
+        if (n < 0) throw py::value_error("normal_fill: negative size");
+        if (n > 0 && !out) throw py::value_error("normal_fill: null data pointer");
+        py::gil_scoped_release release;
+        pgf_ops::normal_fill(reinterpret_cast<float*>(out), n, seed, offset, threads);
+      },
+      py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("offset"), py::arg("threads"),
+      "out[j] ~ N(0, 1), j < n, float32: word j % 4 of Philox4x32-10 counter offset + j / 4 under key seed, "
+      "Box-Muller on word pairs; threads: OpenMP threads (results do not depend on it).");
+  m.def(
+      "philox4x32_10",
+      [](uint64_t seed, uint64_t counter) {
+        uint32_t w[4];
+        pgf_ops::philox4x32_10(seed, counter, w);
+        return py::make_tuple(w[0], w[1], w[2], w[3]);
+      },
+      py::arg("seed"), py::arg("counter"), "The four Philox4x32-10 words of a 64-bit counter under a 64-bit key.");
   m.def("isa", &pgf_ops::layer_norm_act_isa, "The implementation layer_norm_act uses on this CPU.");
   m.def("openmp", []() {
 #ifdef _OPENMP

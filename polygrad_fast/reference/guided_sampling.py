@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..noise import fill_standard_normal
 from ..normalizer import Normalizer
 from ..policy import policy_distribution
 from ..schedule import NoiseSchedule
@@ -35,10 +36,11 @@ class SamplerNoise:
     @classmethod
     def draw(cls, n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int,
              generator: torch.Generator | None = None, device=None) -> "SamplerNoise":
-        """One randn call for the whole chain: [T+1, B, H, D+A] (see ``from_buffer``)."""
-        buf = torch.randn(n_steps + 1, batch, horizon, transition_dim + action_dim, generator=generator,
-                          device=device)
-        return cls.from_buffer(buf, transition_dim)
+        """One draw for the whole chain: [T+1, B, H, D+A] (see ``from_buffer``), from
+        ``polygrad_fast.noise.fill_standard_normal``, the samplers' one noise source, so a generator seed gives
+        the reference and the fast sampler the same noise."""
+        buf = torch.empty(n_steps + 1, batch, horizon, transition_dim + action_dim, device=device)
+        return cls.from_buffer(fill_standard_normal(buf, generator), transition_dim)
 
     @classmethod
     def from_buffer(cls, buf: torch.Tensor, transition_dim: int) -> "SamplerNoise":
