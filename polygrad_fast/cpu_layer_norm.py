@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension, extension_error
+from .cpu_packed import OPS_LIBRARY
 
 __all__ = ["ACTIVATIONS", "FusedLayerNormAct", "available", "fuse_layer_norm_acts", "layer_norm_act",
            "layer_norm_act_reference", "native_error"]
@@ -101,18 +102,21 @@ def _layer_norm_act_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: tor
     return out
 
 
-@torch.library.custom_op("polygrad_fast::layer_norm_act", mutates_args=())
-def layer_norm_act(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                   activation: str) -> torch.Tensor:
-    """act(layer_norm(x) * weight + bias) over x's last dimension (weight/bias may be None), same dtype as x.
-    Native on CPU bf16/fp32 (x is made contiguous first), plain torch otherwise. No autograd formula: use
-    ``FusedLayerNormAct``, which falls back to torch when gradients are needed."""
-    return _layer_norm_act_impl(x, weight, bias, eps, activation)
+# Registered on cpu_packed's torch.library fragment (plain registration: ~6 vs ~15 µs of dispatch per call with the
+# custom_op decorator).
+OPS_LIBRARY.define("layer_norm_act(Tensor x, Tensor? weight, Tensor? bias, float eps, str activation) -> Tensor")
+OPS_LIBRARY.impl("layer_norm_act", _layer_norm_act_impl, "CompositeExplicitAutograd")
 
 
-@layer_norm_act.register_fake
+@torch.library.register_fake("polygrad_fast::layer_norm_act")
 def _(x, weight, bias, eps, activation):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# layer_norm_act(x, weight, bias, eps, activation): act(layer_norm(x) * weight + bias) over x's last dimension
+# (weight/bias may be None), same dtype as x. Native on CPU bf16/fp32 (x made contiguous first), plain torch otherwise.
+# No autograd formula: use ``FusedLayerNormAct``, which falls back to torch when gradients are needed.
+layer_norm_act = torch.ops.polygrad_fast.layer_norm_act
 
 
 class FusedLayerNormAct(nn.LayerNorm):

@@ -34,11 +34,8 @@ def available() -> bool:
             and hasattr(ops, "_linear_pointwise"))
 
 
-@torch.library.custom_op("polygrad_fast::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor, out_features: int,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] bf16 -> [..., out_features] bf16 = x @ W.T + bias (+ residual [..., out_features] bf16, added in
-    the GEMM's fp32 epilogue), W the weight packed under key ``slot`` (0-dim int64 CPU tensor)."""
+def _packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor, out_features: int,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
     x2, w = x.reshape(-1, x.shape[-1]), _PACKED[int(slot)]
     if residual is None:
         y = torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")
@@ -47,9 +44,23 @@ def packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor
     return y.view(*x.shape[:-1], out_features)
 
 
-@packed_linear.register_fake
+# Registered with torch.library.Library rather than the custom_op decorator: ~6 vs ~15 µs of dispatch per call
+# (measured on a 1x1024 input), and a Hopper step makes 8 of these calls.
+OPS_LIBRARY = torch.library.Library("polygrad_fast", "FRAGMENT")
+OPS_LIBRARY.define("packed_linear(Tensor x, Tensor? bias, Tensor slot, int out_features, Tensor? residual=None) "
+                   "-> Tensor")
+OPS_LIBRARY.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("polygrad_fast::packed_linear")
 def _(x, bias, slot, out_features, residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+# packed_linear(x [..., in] bf16, bias, slot, out_features, residual=None) -> [..., out_features] bf16
+# = x @ W.T + bias (+ residual [..., out_features] bf16, added in the GEMM's fp32 epilogue), W the weight packed under
+# key ``slot`` (0-dim int64 CPU tensor). No autograd.
+packed_linear = torch.ops.polygrad_fast.packed_linear
 
 
 class PackedLinear(nn.Linear):
