@@ -19,12 +19,19 @@ def _version(module: str) -> str:
         return f"not available ({type(exc).__name__}: {exc})"
 
 
+def _cpu_ops_report(mod, error: str | None) -> dict:
+    """Fused CPU kernels (polygrad_fast._cpu_ops): availability, the LayerNorm kernel's ISA, OpenMP."""
+    if mod is None:
+        return {"available": False, "error": error}
+    return {"available": True, "layer_norm_act_isa": mod.isa(), "openmp": mod.openmp()}
+
+
 def collect() -> dict:
     """The report as a JSON-serialisable dict."""
     import torch
 
     from . import __version__, backend
-    from ._native import native_available, native_build_info
+    from ._native import CPU_OPS, extension, extension_error, native_available, native_build_info
 
     cuda = torch.cuda.is_available()
     return {
@@ -40,12 +47,14 @@ def collect() -> dict:
             "gpu": torch.cuda.get_device_name(0) if cuda else None,
         },
         "native_buffer": {"available": native_available(), "build": native_build_info()},
+        "native_cpu_ops": _cpu_ops_report(extension(CPU_OPS), extension_error(CPU_OPS)),
         "backends": {
             "sampler_cpu": backend.select_backend("cpu"),
             "sampler_cuda": backend.select_backend("cuda") if cuda else "unavailable (no CUDA device)",
             "triton_kernels": "compiled (GPU)" if cuda and backend.triton_usable("cuda") else
                               "interpreter/AOT-compile only (no usable GPU)",
             "trajectory_buffer": "native C++" if native_available() else "numpy reference",
+            "cpu_kernels_and_noise": "native C++" if extension(CPU_OPS) is not None else "torch",
             "forced_by_env": os.environ.get(backend.ENV_VAR) or None,
         },
     }
@@ -56,7 +65,7 @@ def main() -> None:
     if "--json" in sys.argv[1:]:
         print(json.dumps(report, indent=2, default=str))
         return
-    width = max(len(k) for k in report)
+    width = max(len(k) for v in report.values() if isinstance(v, dict) for k in v)
     for key, value in report.items():
         if isinstance(value, dict):
             print(f"{key}:")
