@@ -104,7 +104,8 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] -> [..., out] (+ residual [..., out]: a residual block's skip connection, fused into the GEMM
         on the packed path; Hopper B=256 1024x1024: 320-336 µs vs 385-408 µs as GEMM then add)."""
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() > MAX_ROWS * x.shape[-1] or (
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or PLAIN_ROWS[0] < rows < PLAIN_ROWS[1] or (
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or (
                 residual is not None and (residual.dtype != torch.bfloat16 or not residual.is_contiguous())):
             y = F.linear(x, self.weight, self.bias)  # no autograd through the packed op
@@ -112,10 +113,13 @@ class PackedLinear(nn.Linear):
         return packed_linear(x, self.bias, self.slot, self.out_features, residual)
 
 
-# More rows than this run plain F.linear (a static-shape branch, free under torch.compile). 1024x1024 GEMM, µs,
-# plain vs packed: 256 rows 349 vs 286, 512 rows 553 vs 469, 768 rows 703 vs 1146, 1024 rows 1777 vs 1591; yet
-# whole sample() with every batch packed: B=256 5-6% faster, B=768 25% and B=1024 2-5% slower.
-MAX_ROWS = 512
+# Row counts strictly inside this band run plain F.linear (a static-shape branch, free under torch.compile): there
+# oneDNN's packed GEMM (layout picked for batch_hint 256) is slower. 1024x1024 GEMM (+ residual), µs, plain+add vs
+# packed with the add in the epilogue, two runs agreeing to ~10%: 256 rows 407 vs 224, 512 751 vs 515, 640 853 vs
+# 940, 768 994 vs 1369, 896 1104 vs 1536, 1024 2012 vs 1723, 1280 2404 vs 1078, 2048 2051 vs 1742, 3072 2915 vs
+# 2666. Whole Hopper sample(), compiled, interleaved: B=1024 packed 2.25-2.30 vs 2.37-2.55 s plain; B=768 packed
+# 1.86 vs 1.45 s (hence the band).
+PLAIN_ROWS = (512, 1024)
 
 # Smaller weights stay plain: the packed op has ~17 µs more fixed cost per call than F.linear, which ate the gain
 # below ~64k weights (B=256: 160x160 42 vs 34 µs, 160x1024 82 vs 114 µs, 1024x1024 247 vs 311 µs).

@@ -76,10 +76,10 @@ class SamplerConfig:
     compile: bool = False  # torch.compile the denoiser and the policy + elementwise step (torch backend)
     backend: str = "auto"  # 'auto' | 'torch' | 'reference' | 'triton' (see polygrad_fast.backend)
     sync_weights: bool = True  # refresh low-precision copies from the live modules at every sample() call
-    # CPU bf16 denoiser copy only: run its large Linears on oneDNN-prepacked weights (polygrad_fast.cpu_packed),
-    # same bits as plain bf16. Hopper B=256: compiled denoiser 3.5 vs 4.3 ms, whole sample() ~5% faster. Repacked
-    # at each weight sync (~5 ms for the Hopper denoiser), no recompile. Batches > cpu_packed.MAX_ROWS (512) run
-    # plain (packed was slower there). False: the plain bf16 path.
+    # CPU bf16 denoiser copy only: run its large Linears on oneDNN-prepacked weights (polygrad_fast.cpu_packed), the
+    # residual blocks' skip connection added in the GEMM epilogue. Hopper B=256: compiled denoiser 3.5 vs 4.3 ms,
+    # whole sample() ~5% faster. Repacked at each weight sync (~5 ms for the Hopper denoiser), no recompile. Batches
+    # in the band cpu_packed.PLAIN_ROWS (513..1023) run plain (packed was slower there). False: the plain bf16 path.
     cpu_prepack: bool = True
     # CPU low-precision copies only: LayerNorm followed by ReLU/ELU runs as one native kernel
     # (polygrad_fast.cpu_layer_norm): in the policy copy always, in the denoiser copy only when not compiled (see

@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(not (cpu_packed.available() and cpu_has_fast_bf1
 H = 4
 
 
-@pytest.mark.parametrize("rows", [1, 7, 100, 1030])
+@pytest.mark.parametrize("rows", [1, 7, 100, 200, 1030])
 def test_packed_linear_equals_bf16_linear(rows):
-    """Bit-equal to F.linear for row counts other than the batch hint (the layout is picked for 256); 1030x3 rows
-    are above MAX_ROWS and take the plain path."""
+    """Bit-equal to F.linear for row counts other than the batch hint (the layout is picked for 256); 200x3 rows are
+    in cpu_packed.PLAIN_ROWS and take the plain path, 1030x3 rows the packed one again."""
     torch.manual_seed(0)
     lin = nn.Linear(320, 256).to(torch.bfloat16).requires_grad_(False)
     packed = cpu_packed.PackedLinear.from_linear(lin, batch_hint=256)
