@@ -24,8 +24,9 @@ SHAPES = [(256, 10), (1024, 10), (256, 200), (1024, 200)]
 _SKIP_NATIVE = pytest.mark.skipif(not _native.native_available(),
                                   reason=f"native extension unavailable: {_native.native_error()}")
 BACKENDS = ["numpy", pytest.param("native", marks=_SKIP_NATIVE)]
-# "native-1thread": the native core with its helper threads off (what a fully busy host gets).
-VARIANTS = BACKENDS + [pytest.param("native-1thread", marks=_SKIP_NATIVE)]
+# "native-1thread": the native core with its helper threads off (what a fully busy host gets); "native-nosim":
+# sim_states=False, the training windows (the sim states are 88% of a window's bytes).
+VARIANTS = BACKENDS + [pytest.param(v, marks=_SKIP_NATIVE) for v in ("native-1thread", "native-nosim")]
 
 _MIN: dict[tuple, float] = {}  # (B, H, backend) -> min seconds
 
@@ -80,8 +81,9 @@ def test_sample_windows(benchmark, buffers, gather_threads, variant, shape):
     buf, _ = buffers[backend]
     seeds = itertools.count()
     rounds = 20 if horizon == 10 else 8
-    benchmark.pedantic(lambda: buf.sample_windows(batch, horizon, seed=next(seeds), normalize=True),
-                       rounds=rounds, iterations=1, warmup_rounds=2)
+    with_sim = variant != "native-nosim"
+    benchmark.pedantic(lambda: buf.sample_windows(batch, horizon, seed=next(seeds), normalize=True,
+                                                  sim_states=with_sim), rounds=rounds, iterations=1, warmup_rounds=2)
     if benchmark.disabled:  # --benchmark-disable (CI smoke run): the body ran once, nothing was timed
         return
     _MIN[(batch, horizon, variant)] = benchmark.stats.stats.min
@@ -92,8 +94,13 @@ def test_sample_windows(benchmark, buffers, gather_threads, variant, shape):
     if backend == "native" and numpy_min is not None:
         mine = _MIN[(batch, horizon, variant)]
         benchmark.extra_info["speedup_vs_numpy"] = numpy_min / mine
-        print(f"\n[bench_buffer] B={batch} H={horizon}: {variant} {mine * 1e3:.3f} ms, "
-              f"numpy {numpy_min * 1e3:.3f} ms, speedup {numpy_min / mine:.2f}x")
+        line = (f"\n[bench_buffer] B={batch} H={horizon}: {variant} {mine * 1e3:.3f} ms, "
+                f"numpy {numpy_min * 1e3:.3f} ms, speedup {numpy_min / mine:.2f}x")
+        native_min = _MIN.get((batch, horizon, "native"))
+        if not with_sim and native_min is not None:
+            benchmark.extra_info["speedup_vs_native_with_sim"] = native_min / mine
+            line += f"; vs native with sim states {native_min / mine:.2f}x"
+        print(line)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

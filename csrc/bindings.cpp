@@ -5,6 +5,8 @@
 // checks below only protect memory.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <vector>
 #include <pybind11/stl.h>
 
 #include <cstring>
@@ -130,22 +132,23 @@ PYBIND11_MODULE(_buffer_native, m) {
            })
       .def(
           "sample",
-          [](TrajectoryBufferCore& c, int64_t B, int64_t H, uint64_t seed, bool normalize) {
+          [](TrajectoryBufferCore& c, int64_t B, int64_t H, uint64_t seed, bool normalize, bool with_sim) {
             const py::ssize_t b = B, h = H, O = c.obs_dim(), A = c.act_dim(), S = c.sim_dim();
             // One preallocated output array per field, filled in a single pass with the GIL released.
             py::array_t<float> obs({b, h, O}), act({b, h, A}), rew({b, h}), term({b, h}), start_obs({b, O});
-            py::array_t<double> sim({b, h, S});
+            py::array_t<double> sim(with_sim ? std::vector<py::ssize_t>{b, h, S} : std::vector<py::ssize_t>{0});
             py::array_t<int64_t> ids(b), starts(b);
             pgf::WindowOut out{obs.mutable_data(), act.mutable_data(),     rew.mutable_data(),
-                               term.mutable_data(), start_obs.mutable_data(), sim.mutable_data(),
-                               ids.mutable_data(), starts.mutable_data()};
+                               term.mutable_data(), start_obs.mutable_data(),
+                               with_sim ? sim.mutable_data() : nullptr, ids.mutable_data(), starts.mutable_data()};
             {
               py::gil_scoped_release release;
               c.sample(B, H, seed, normalize, out);
             }
-            return py::make_tuple(obs, act, rew, term, start_obs, sim, ids, starts);
+            return py::make_tuple(obs, act, rew, term, start_obs, with_sim ? py::object(sim) : py::none(), ids,
+                                  starts);
           },
-          py::arg("batch"), py::arg("horizon"), py::arg("seed"), py::arg("normalize"))
+          py::arg("batch"), py::arg("horizon"), py::arg("seed"), py::arg("normalize"), py::arg("with_sim") = true)
       .def("export_state",
            [](const TrajectoryBufferCore& c) {
              TrajectoryBufferCore::State s = c.export_state();

@@ -32,7 +32,7 @@ struct WindowOut {
   float* rew;        // [B,H]
   float* term;       // [B,H]
   float* start_obs;  // [B,O]
-  double* sim;       // [B,H,S]
+  double* sim;       // [B,H,S], or nullptr: the sim states are not gathered (nor prefetched)
   int64_t* episode_ids;  // [B]
   int64_t* start_steps;  // [B]
 };

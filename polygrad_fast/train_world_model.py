@@ -120,7 +120,8 @@ class WorldModelRun:
         bar = tqdm(range(1, cfg.train_steps + 1), disable=not self.progress, desc="world model", unit="step")
         for step in bar:
             batch = self.buffer.sample_windows(cfg.trainer.batch_size, cfg.horizon,
-                                               seed=window_seed(cfg.seed, 0, step), normalize=True)
+                                               seed=window_seed(cfg.seed, 0, step), normalize=True,
+                                               sim_states=False)  # training never reads them
             metrics = self.trainer.train_step(batch)
             n_since += 1
             if not np.isfinite(metrics["loss"]):

@@ -237,6 +237,20 @@ def test_determinism_per_seed(backend):
     torch.testing.assert_close(d.observations[:100], a.observations, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_sampling_without_sim_states(backend, normalize):
+    """sim_states=False: the same windows (every other field bit-equal), sim_states None."""
+    buf = make(backend)
+    for i in range(6):
+        buf.add_episode(*episode(15 + i, i), terminated=i % 2 == 0, truncated=i % 2 == 1)
+    full = buf.sample_windows(64, 7, seed=3, normalize=normalize)
+    lean = buf.sample_windows(64, 7, seed=3, normalize=normalize, sim_states=False)
+    assert lean.sim_states is None and full.sim_states.shape == (64, 7, buf.sim_state_dim)
+    for f in ("observations", "actions", "rewards", "terminals", "start_obs", "episode_ids", "start_steps"):
+        assert torch.equal(getattr(lean, f), getattr(full, f)), f
+
+
 def _chi2_critical(df: int, z: float = 3.719) -> float:
     """Upper quantile of chi2(df) by Wilson-Hilferty; z = 3.719 is the normal quantile for p = 1e-4."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
@@ -367,6 +381,8 @@ def test_sample_argument_errors(backend):
     with pytest.raises(TypeError, match="batch: expected an int, got float"):
         buf.sample_windows(4.0, 5, seed=0)
     assert buf.sample_windows(4, 10, seed=2**64 - 1).start_steps.tolist() == [0, 0, 0, 0]
+    with pytest.raises(TypeError, match="sim_states: expected a bool, got str"):
+        buf.sample_windows(4, 5, seed=0, sim_states="no")
 
 
 def test_constructor_errors():

@@ -139,3 +139,8 @@ def test_large_batch_parallel_path_matches():
         x, y = nat.sample_windows(1024, H, 5), ref.sample_windows(1024, H, 5)
         for f in FIELDS:
             np.testing.assert_array_equal(getattr(x, f).numpy(), getattr(y, f).numpy(), err_msg=f)
+        lean = nat.sample_windows(1024, H, 5, sim_states=False)  # the parallel gather without the sim states
+        assert lean.sim_states is None
+        for f in FIELDS:
+            if f != "sim_states":
+                np.testing.assert_array_equal(getattr(lean, f).numpy(), getattr(y, f).numpy(), err_msg=f)

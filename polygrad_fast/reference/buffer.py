@@ -62,7 +62,8 @@ class WindowBatch:
     """A batch of B windows of H consecutive steps (torch tensors sharing memory with the sampler's numpy output).
 
     observations [B,H,O] f32, actions [B,H,A] f32, rewards [B,H] f32, terminals [B,H] f32 (1 on the terminating step
-    and on padding after it), start_obs [B,O] f32 (= observations[:, 0]), sim_states [B,H,S] f64 (never normalised),
+    and on padding after it), start_obs [B,O] f32 (= observations[:, 0]), sim_states [B,H,S] f64 (never normalised;
+    None when sampled with ``sim_states=False``),
     episode_ids [B] i64 (stable across evictions and save/load), start_steps [B] i64 (step of the episode at t=0).
     """
 
@@ -71,7 +72,7 @@ class WindowBatch:
     rewards: torch.Tensor
     terminals: torch.Tensor
     start_obs: torch.Tensor
-    sim_states: torch.Tensor
+    sim_states: torch.Tensor | None
     episode_ids: torch.Tensor
     start_steps: torch.Tensor
 
@@ -374,7 +375,7 @@ class _NumpyCore:
         return mean, 1.0 / (std + 1e-6)
 
     # -- sampling -----------------------------------------------------------------------------------------------------
-    def sample(self, batch: int, horizon: int, seed: int, normalize: bool):
+    def sample(self, batch: int, horizon: int, seed: int, normalize: bool, with_sim: bool = True):
         prefix = self._prefix(horizon)
         j = (window_draws(seed, batch) % np.uint64(prefix[-1])).astype(np.int64)
         e = np.searchsorted(prefix, j, side="right") - 1  # episode k holds flat starts prefix[k] <= j < prefix[k+1]
@@ -385,7 +386,7 @@ class _NumpyCore:
         phys = (self.t_start[rows][:, None] + np.minimum(steps, L - 1)) % self.C  # padding repeats the last step
         obs = self.obs[phys]
         act = self.act[phys]
-        sim = self.sim[phys]
+        sim = self.sim[phys] if with_sim else None
         rew = np.where(steps < L, self.rew[phys], np.float32(0.0))
         term = (self.t_term[rows][:, None] & (steps >= L - 1)).astype(np.float32)
         if normalize:
@@ -623,7 +624,8 @@ class _TrajectoryBufferBase:
                 "terminals": (mean[O + A + 1].copy(), std[O + A + 1].copy())}
 
     # -- sampling -----------------------------------------------------------------------------------------------------
-    def sample_windows(self, batch: int, horizon: int, seed: int, normalize: bool = True) -> WindowBatch:
+    def sample_windows(self, batch: int, horizon: int, seed: int, normalize: bool = True,
+                       sim_states: bool = True) -> WindowBatch:
         """Sample ``batch`` windows of ``horizon`` steps, deterministically from ``seed`` (int in [0, 2**64)).
 
         Starts are uniform over all valid (episode, start) pairs; a window never crosses into another episode.
@@ -632,7 +634,9 @@ class _TrajectoryBufferBase:
         - truncated or still-open episode: starts 0..L-H only, i.e. windows always end inside the episode (nothing
           past a time-limit cut is ever sampled, as in the paper); episodes shorter than H are never sampled.
         With ``normalize``, observations, actions, rewards and terminals (start_obs too) are (x - mean) / (std + 1e-6)
-        with the current ``stats()``; sim_states are never normalised.
+        with the current ``stats()``; sim_states are never normalised. ``sim_states=False`` leaves them out
+        (``WindowBatch.sim_states`` is None): they are 88% of a Hopper window's bytes, and diffusion training does not
+        read them (1M-step ring, B=256, H=10: see benches/bench_buffer.py).
         Raises ValueError if horizon exceeds the longest stored episode or no valid window exists.
         """
         batch = _check_int("batch", batch, 1)
@@ -640,16 +644,17 @@ class _TrajectoryBufferBase:
         seed = _check_int("seed", seed, 0)
         if seed >= 1 << 64:
             raise ValueError(f"seed: expected < 2**64, got {seed}")
-        if not isinstance(normalize, (bool, np.bool_)):
-            raise TypeError(f"normalize: expected a bool, got {type(normalize).__name__}")
+        for name, flag in (("normalize", normalize), ("sim_states", sim_states)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
         longest = int(self._core.max_episode_length())
         if horizon > longest:
             raise ValueError(f"horizon {horizon} exceeds the longest stored episode ({longest} steps)")
         if self._core.num_valid_starts(horizon) == 0:
             raise ValueError(f"no valid window of horizon {horizon}: no terminated episode and no truncated/open "
                              f"episode of length >= {horizon}")
-        out = self._core.sample(batch, horizon, seed, bool(normalize))
-        return WindowBatch(**{k: torch.from_numpy(v) for k, v in zip(_SAMPLE_FIELDS, out)})
+        out = self._core.sample(batch, horizon, seed, bool(normalize), bool(sim_states))
+        return WindowBatch(**{k: None if v is None else torch.from_numpy(v) for k, v in zip(_SAMPLE_FIELDS, out)})
 
     # -- state --------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
