@@ -5,7 +5,7 @@ diffusion model, imagine with policy guidance, measure the error against the sim
 
 - ``hopper`` / ``walker`` / ``cheetah``: the paper's world-model sizes (H=10, residual MLP 1024x6, T=128;
   Hopper uses the schedule exponent tau=0.1), on the modern v5 tasks;
-- ``hopper-cpu``: the default: a real Hopper run sized to finish in minutes on a 2-core CPU (3 min on an idle
+- ``hopper-cpu``: the default: a real Hopper run sized to finish in minutes on a 2-core CPU (2 min 20 s on the
   2-core Sapphire Rapids VM; the step-9 error ended at a third of the persistence yardstick's);
 - ``debug``: seconds, for smoke tests.
 """
