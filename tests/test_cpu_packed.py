@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polygrad_fast import cpu_packed
+from polygrad_fast import cpu_layer_norm, cpu_packed
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser, low_precision_copy
 from polygrad_fast.policy import Actor
 from polygrad_fast.reference.guided_sampling import SamplerNoise
@@ -149,3 +149,24 @@ def test_differently_configured_compiled_samplers_all_run_compiled():
     code = FastGuidedSampler._denoise_and_step.__code__
     # 13 entries on torch 2.13 (a few option sets share graphs); capped at 8 without the sampler's raised limit
     assert len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) > 8
+
+
+@pytest.mark.skipif(not cpu_layer_norm.available(), reason="polygrad_fast._cpu_ops not built")
+@pytest.mark.parametrize("compile", [False, True])
+def test_fused_norm_act_sampler_matches_unfused(compile):
+    """cpu_fuse_norm_act: the policy copy (and, eager only, the denoiser copy) run the native LayerNorm+act kernel;
+    with the same noise the trajectories match the unfused bf16 sampler to bf16 rounding (the kernel and torch
+    differ by at most one bf16 ulp on rare elements), and the user's modules are never modified."""
+    denoiser, policy = _models()
+    kw = dict(denoiser_dtype="bfloat16", backend="torch", compile=compile)
+    fused = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), **kw)
+    plain = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), cpu_fuse_norm_act=False, **kw)
+    fused_mods = lambda m: sum(isinstance(x, cpu_layer_norm.FusedLayerNormAct) for x in m.modules())  # noqa: E731
+    assert fused_mods(fused._policy_copy) == 2 and fused_mods(plain._policy_copy) == 0
+    assert fused_mods(fused._denoiser_fast) == (0 if compile else 3)  # 2 blocks + the trunk's final norm
+    assert fused_mods(policy) == 0 and fused_mods(denoiser) == 0
+    start = torch.randn(6, O)
+    noise = SamplerNoise.draw(5, 6, H, O + 2, A, generator=torch.Generator().manual_seed(1))
+    a, b = fused.sample(start, noise=noise), plain.sample(start, noise=noise)
+    for name in ("observations", "actions"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=0.03, rtol=0.02)
