@@ -1,0 +1,432 @@
+"""Actor-critic update on imagined trajectories (polygrad-reference.md §9 R5–R15).
+
+One ``A2CTrainer.update`` consumes an ``ImaginedBatch`` (raw observations [B,H,O], raw actions [B,H,A], raw rewards
+[B,H], binary terminals [B,H]) and does what the paper's agent does: EMA of the target critic, λ-returns from the
+target critic, reality-weighted REINFORCE actor loss with an entropy bonus and a squared-error critic loss, one AdamW
+step each, a line search on the actor's learning rate that aims at a fixed mean |Δ log π|, and a learned log actor LR.
+
+Shapes: B trajectories, H horizon (H >= 2: the last step only bootstraps), O obs dim, A action dim.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch import nn
+from torch.distributions import Independent, Normal
+
+from .policy import Actor, Critic
+
+ADV_EPS = 1e-8  # added to the advantage std when normalising (as the paper)
+
+
+@dataclass(frozen=True)
+class A2CConfig:
+    """Hyper-parameters of the update; defaults are the paper's (§4a; the paper's key in brackets where it differs).
+
+    ``linesearch_max_iters``: re-steps of the line search after the first step (the paper's hard-coded 50).
+    ``weight_decay``: AdamW's default 0.01, which the paper keeps for the actor, the critic and the log actor LR.
+    """
+
+    gamma: float = 0.99
+    lambda_gae: float = 0.9
+    entropy_weight: float = 1e-5  # α, fixed
+    lr_actor: float = 3e-5  # also the cap of the line search and of the learned LR
+    lr_critic: float = 3e-4
+    target_ema: float = 0.995  # [ema] decay of the target critic
+    grad_clip: float | None = 0.1  # [ac_grad_clip] per network (actor without logstd, critic); None: no clipping
+    normalize_adv: bool = True
+    target_update: float = 0.01  # target mean |Δ log π| of one actor update
+    linesearch: bool = True
+    linesearch_tolerance: float = 0.2  # accept target · [1 - tol, 1 + tol]
+    linesearch_ratio: float = 0.8  # LR *= ratio (too large) or /= ratio (too small) per iteration
+    linesearch_max_iters: int = 50
+    update_actor_lr: bool = True
+    actorlr_lr: float = 3e-4  # AdamW LR of the log actor LR
+    weight_decay: float = 0.01
+
+    def validate(self) -> None:
+        def number(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            return v
+
+        for name in ("gamma", "lambda_gae", "target_ema"):
+            if not 0.0 <= number(name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("lr_actor", "lr_critic", "actorlr_lr", "target_update"):
+            if not number(name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("entropy_weight", "weight_decay"):
+            if not number(name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.grad_clip is not None and not number("grad_clip") > 0:
+            raise ValueError(f"grad_clip must be None or > 0, got {self.grad_clip!r}")
+        if not 0.0 <= number("linesearch_tolerance") < 1.0:
+            raise ValueError(f"linesearch_tolerance must be in [0, 1), got {self.linesearch_tolerance!r}")
+        if not 0.0 < number("linesearch_ratio") < 1.0:
+            raise ValueError(f"linesearch_ratio must be in (0, 1), got {self.linesearch_ratio!r}")
+        if isinstance(self.linesearch_max_iters, bool) or not isinstance(self.linesearch_max_iters, int) \
+                or self.linesearch_max_iters < 0:
+            raise ValueError(f"linesearch_max_iters must be an int >= 0, got {self.linesearch_max_iters!r}")
+        for name in ("normalize_adv", "linesearch", "update_actor_lr"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+class TrajectoryBatch(Protocol):
+    """What ``A2CTrainer.update`` reads (``sampler.ImaginedBatch`` qualifies): raw observations [B,H,O], raw
+    actions [B,H,A], raw rewards [B,H], terminals [B,H] (0/1)."""
+
+    observations: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    terminals: torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------- pure functions
+def lambda_returns(values: torch.Tensor, rewards: torch.Tensor, terminals: torch.Tensor, gamma: float,
+                   lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE advantages and λ-return value targets of H-step trajectories (§9 R7).
+
+    values [B,H] (target critic), rewards [B,H], terminals [B,H] (d_t = 1: the transition at t terminates).
+    δ_t = r_t + γ(1 − d_t)V_{t+1} − V_t and A_t = δ_t + λγ(1 − d_t)A_{t+1} for t = 0..H−2, A_{H−2} = δ_{H−2};
+    returns (advantages [B,H−1], value_targets = advantages + V[:, :−1] [B,H−1]). Needs H >= 2.
+    """
+    if values.dim() != 2 or values.shape != rewards.shape or values.shape != terminals.shape:
+        raise ValueError("values, rewards and terminals must all be [B, H]; got "
+                         f"{list(values.shape)}, {list(rewards.shape)}, {list(terminals.shape)}")
+    if values.shape[1] < 2:
+        raise ValueError(f"need a horizon H >= 2 (the last step only bootstraps), got H = {values.shape[1]}")
+    cont = gamma * (1.0 - terminals[:, :-1])  # [B,H-1] discount of each transition
+    deltas = rewards[:, :-1] + cont * values[:, 1:] - values[:, :-1]
+    advantages = torch.empty_like(deltas)
+    running = deltas[:, -1]
+    advantages[:, -1] = running
+    for t in range(deltas.shape[1] - 2, -1, -1):
+        running = deltas[:, t] + lam * cont[:, t] * running
+        advantages[:, t] = running
+    return advantages, advantages + values[:, :-1]
+
+
+def reality_weights(terminals: torch.Tensor) -> torch.Tensor:
+    """w_t = Π_{k<=t} (1 − d_k) for t = 0..H−2 (§9 R8): terminals [B,H] -> [B,H−1].
+
+    The terminating transition itself and every later one get weight 0 (the paper's quirk Q7). With binary
+    terminals this equals the paper's exp(cumsum(log(1 − d))) exactly.
+    """
+    return torch.cumprod(1.0 - terminals[:, :-1], dim=1)
+
+
+def normalize_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """(A − mean) / (std + 1e-8) over the whole batch (unbiased std, as torch.std), any shape with >= 2 entries."""
+    return (advantages - advantages.mean()) / (advantages.std() + ADV_EPS)
+
+
+def actor_loss(log_probs: torch.Tensor, entropy: torch.Tensor | None, advantages: torch.Tensor,
+               weights: torch.Tensor, entropy_weight: float) -> torch.Tensor:
+    """mean(w · (−log π(a|s) · A − α · H[π(·|s)])) (§9 R9), all inputs [B,H−1]; advantages are used as given
+    (already normalised if wanted, detached here). entropy None: no entropy term (fixed-std policy)."""
+    per_step = -log_probs * advantages.detach()
+    if entropy is not None:
+        per_step = per_step - entropy_weight * entropy
+    return (weights * per_step).mean()
+
+
+def critic_loss(values: torch.Tensor, value_targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """mean(w · ½ (target − V)²) (§9 R10), all inputs [B,H−1]; targets detached here."""
+    return (weights * 0.5 * (value_targets.detach() - values).square()).mean()
+
+
+def standardized_stats(mean: torch.Tensor, std: torch.Tensor, actions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Statistics of z = (a − μ)/σ for actions [B,T,A] under a diagonal Normal (mean, std broadcastable):
+    log N(z; 0, I) summed over A ([B,T]) as avg/std/min/max, and act_mean / act_std (per-dim mean / std over
+    (B,T), then averaged over A). 0-dim tensors; the stds are 0 for a single (B,T) entry, as in the sampler."""
+    z = (actions - mean) / std
+    logp = Independent(Normal(torch.zeros_like(z), torch.ones_like(z)), 1).log_prob(z)
+    flat = z.reshape(-1, z.shape[-1])
+    several = flat.shape[0] > 1
+    return {
+        "act_std": flat.std(dim=0).mean() if several else torch.zeros_like(flat[0, 0]),
+        "act_mean": flat.mean(dim=0).mean(),
+        "standardized_logprob_avg": logp.mean(),
+        "standardized_logprob_std": logp.std() if several else torch.zeros_like(flat[0, 0]),
+        "standardized_logprob_min": logp.min(),
+        "standardized_logprob_max": logp.max(),
+    }
+
+
+class A2CLosses(NamedTuple):
+    """``A2CTrainer.compute_losses`` output: the two losses and what they were built from (all [B,H−1] but the
+    losses). ``log_probs`` carries the actor's graph; ``values`` the critic's."""
+
+    loss_actor: torch.Tensor
+    loss_critic: torch.Tensor
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+    advantages: torch.Tensor  # before normalisation
+    value_targets: torch.Tensor
+    weights: torch.Tensor
+    values: torch.Tensor
+    policy_mean: torch.Tensor  # [B,H-1,A]
+    policy_std: torch.Tensor  # [B,H-1,A]
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class A2CTrainer:
+    """Owns the target critic, the actor / critic AdamW optimisers and the learned log actor LR of one agent.
+
+    ``update(batch)`` does one actor-critic update on imagined trajectories and returns float metrics;
+    ``update(batch, log_only=True)`` only measures (no EMA, no optimiser step, nothing changes). The actor's
+    ``logstd`` is optimised with the actor but excluded from gradient clipping and from the line-search restore
+    (as the paper).
+    """
+
+    def __init__(self, actor: Actor, critic: Critic, config: A2CConfig = A2CConfig()):
+        config.validate()
+        self.config = config
+        self.actor, self.critic = actor, critic
+        params = list(actor.parameters())
+        if not params:
+            raise ValueError("the actor has no parameters")
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        critic_device = next(critic.parameters()).device
+        if critic_device != self.device:
+            raise ValueError(f"actor is on {self.device} but critic on {critic_device}")
+        if getattr(critic, "obs_dim", actor.obs_dim) != actor.obs_dim:
+            raise ValueError(f"actor expects obs dim {actor.obs_dim} but critic {critic.obs_dim}")
+        self.critic_target = copy.deepcopy(critic).requires_grad_(False)
+        # The actor's network weights: clipped and restored by the line search. The learned logstd is neither.
+        self._actor_weights = [p for name, p in actor.named_parameters() if name != "logstd"]
+        self.optimizer_actor = torch.optim.AdamW(params, lr=config.lr_actor, weight_decay=config.weight_decay)
+        self.optimizer_critic = torch.optim.AdamW(critic.parameters(), lr=config.lr_critic,
+                                                  weight_decay=config.weight_decay)
+        self.max_lr = config.lr_actor
+        self.log_actor_lr = torch.tensor(math.log(config.lr_actor), device=self.device, requires_grad=True)
+        self.optimizer_actor_lr = torch.optim.AdamW([self.log_actor_lr], lr=config.actorlr_lr,
+                                                    weight_decay=config.weight_decay)
+        self.step = 0  # non-log_only updates done
+
+    @property
+    def lr_actor(self) -> float:
+        return self.optimizer_actor.param_groups[0]["lr"]
+
+    # ------------------------------------------------------------------ inputs
+    def _check_batch(self, batch: TrajectoryBatch) -> tuple[torch.Tensor, ...]:
+        names = ("observations", "actions", "rewards", "terminals")
+        tensors = []
+        for name in names:
+            t = getattr(batch, name, None)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"batch.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != self.device:
+                raise ValueError(f"batch.{name} is on {t.device} but the actor on {self.device}")
+            if t.dtype != self.dtype:
+                raise TypeError(f"batch.{name} must be {self.dtype} (the networks' dtype), got {t.dtype}")
+            tensors.append(t)
+        obs, act, rew, term = tensors
+        O, A = self.actor.obs_dim, self.actor.act_dim
+        if obs.dim() != 3 or obs.shape[2] != O:
+            raise ValueError(f"batch.observations: expected [B, H, {O}], got {list(obs.shape)}")
+        B, H = obs.shape[:2]
+        expected = {"actions": (act, [B, H, A]), "rewards": (rew, [B, H]), "terminals": (term, [B, H])}
+        for name, (t, shape) in expected.items():
+            if list(t.shape) != shape:
+                raise ValueError(f"batch.{name}: expected {shape} (observations are {list(obs.shape)}), "
+                                 f"got {list(t.shape)}")
+        if B < 1 or H < 2:
+            raise ValueError(f"need B >= 1 trajectories of horizon H >= 2 (the last step only bootstraps), "
+                             f"got B = {B}, H = {H}")
+        if self.config.normalize_adv and B * (H - 1) < 2:
+            raise ValueError(f"normalize_adv needs at least 2 advantages (B·(H−1) >= 2), got B = {B}, H = {H}")
+        # one host sync for all value checks
+        ok = torch.stack([torch.isfinite(obs).all(), torch.isfinite(act).all(), torch.isfinite(rew).all(),
+                          ((term == 0) | (term == 1)).all()]).tolist()
+        for name, good in zip(names, ok):
+            if not good:
+                raise ValueError(f"batch.{name} contains " + ("values other than 0 and 1" if name == "terminals"
+                                                               else "NaN or inf"))
+        return obs, act, rew, term
+
+    # ------------------------------------------------------------------ losses
+    def compute_losses(self, batch: TrajectoryBatch) -> A2CLosses:
+        """Both losses of ``batch`` with the current networks and target critic (no state change)."""
+        obs, act, rew, term = self._check_batch(batch)
+        return self._losses(obs, act, rew, term)
+
+    def _losses(self, obs, act, rew, term) -> A2CLosses:
+        c = self.config
+        with torch.no_grad():
+            target_values = self.critic_target(obs)  # [B,H]
+            advantages, value_targets = lambda_returns(target_values, rew, term, c.gamma, c.lambda_gae)
+            weights = reality_weights(term)
+        mean, std = self.actor(obs[:, :-1])
+        dist = Independent(Normal(mean, std), 1)
+        log_probs = dist.log_prob(act[:, :-1])  # [B,H-1]
+        entropy = dist.entropy()
+        adv = normalize_advantages(advantages) if c.normalize_adv else advantages
+        loss_a = actor_loss(log_probs, entropy if self.actor.learned_std else None, adv, weights, c.entropy_weight)
+        values = self.critic(obs)[:, :-1]
+        loss_c = critic_loss(values, value_targets, weights)
+        return A2CLosses(loss_a, loss_c, log_probs, entropy, advantages, value_targets, weights, values, mean, std)
+
+    def _log_probs(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        mean, std = self.actor(obs)
+        return Independent(Normal(mean, std), 1).log_prob(act)
+
+    # ------------------------------------------------------------------ update
+    def update(self, batch: TrajectoryBatch, log_only: bool = False) -> dict[str, float]:
+        """One actor-critic update on imagined trajectories -> float metrics (§9 R14 without the env ones).
+
+        Metrics always: loss_actor, loss_critic, policy_entropy, policy_std, policy_value (V at t = 0),
+        policy_value_im, policy_reward(_std), alpha, act_std, act_mean, standardized_logprob_{avg,std,min,max},
+        maximum_logprob, minimum_logprob, lr_actor. Unless log_only: gradients/{actor,critic}_grad_norm (before
+        clipping), update_kl, update_delta_logprob_initial; with the line search also update_delta_logprob_final,
+        update_linesearch_steps and update_linesearch_lr_capped (1 when it stopped because the LR would pass
+        lr_actor).
+        """
+        obs, act, rew, term = self._check_batch(batch)
+        c = self.config
+        if not log_only:
+            self._update_target()
+        with torch.set_grad_enabled(not log_only):
+            losses = self._losses(obs, act, rew, term)
+        stats = self._loss_metrics(losses, rew, act[:, :-1])
+        if log_only:
+            return self._to_floats(stats, {"lr_actor": self.lr_actor})
+
+        self.optimizer_actor.zero_grad(set_to_none=True)
+        self.optimizer_critic.zero_grad(set_to_none=True)
+        (losses.loss_actor + losses.loss_critic).backward()
+        max_norm = float("inf") if c.grad_clip is None else c.grad_clip
+        stats["gradients/actor_grad_norm"] = torch.nn.utils.clip_grad_norm_(self._actor_weights, max_norm)
+        stats["gradients/critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(self.critic.parameters(), max_norm)
+        snapshot = [p.detach().clone() for p in self._actor_weights]
+        self.optimizer_actor.step()
+        self.optimizer_critic.step()
+
+        obs_a, act_a = obs[:, :-1], act[:, :-1]
+        old_log_probs = losses.log_probs.detach()
+        with torch.no_grad():
+            delta = old_log_probs - self._log_probs(obs_a, act_a)
+            stats["update_kl"] = delta.mean()
+            initial_size = delta.abs().mean()
+        stats["update_delta_logprob_initial"] = initial_size
+        extra: dict[str, float] = {}
+        if c.linesearch:
+            extra = self._line_search(float(initial_size), snapshot, old_log_probs, obs_a, act_a)
+        if c.update_actor_lr:
+            self._update_actor_lr(initial_size)
+        extra["lr_actor"] = self.lr_actor
+        self.step += 1
+        return self._to_floats(stats, extra)
+
+    @torch.no_grad()
+    def _update_target(self) -> None:
+        """target ← ema · target + (1 − ema) · critic, on the parameters (§9 R5); buffers copied."""
+        ema = self.config.target_ema
+        for t, p in zip(self.critic_target.parameters(), self.critic.parameters()):
+            t.mul_(ema).add_(p, alpha=1.0 - ema)
+        for t, b in zip(self.critic_target.buffers(), self.critic.buffers()):
+            t.copy_(b)
+
+    @torch.no_grad()
+    def _line_search(self, size: float, snapshot: list[torch.Tensor], old_log_probs: torch.Tensor,
+                     obs: torch.Tensor, act: torch.Tensor) -> dict[str, float]:
+        """Rescale the actor LR until mean |Δ log π| is in target · [1 − tol, 1 + tol] (§9 R12).
+
+        Each iteration multiplies the LR by ratio (update too large) or divides by it (too small), stops when it
+        would exceed ``lr_actor`` (keeping the last tried step), otherwise restores the actor's network weights and
+        re-steps AdamW with the same gradients: the moments and step counters advance again and the logstd,
+        never restored, takes one more step (the paper's quirk Q6). At most ``linesearch_max_iters`` re-steps.
+        The LR is restored afterwards.
+        """
+        c = self.config
+        group = self.optimizer_actor.param_groups[0]
+        old_lr = group["lr"]
+        low, high = c.target_update * (1 - c.linesearch_tolerance), c.target_update * (1 + c.linesearch_tolerance)
+        steps, capped = 1, False
+        while (size > high or size < low) and steps <= c.linesearch_max_iters:
+            if size > c.target_update:
+                group["lr"] *= c.linesearch_ratio
+            else:
+                group["lr"] /= c.linesearch_ratio
+            if group["lr"] > self.max_lr:
+                capped = True
+                break
+            for p, saved in zip(self._actor_weights, snapshot):
+                p.copy_(saved)
+            self.optimizer_actor.step()
+            size = float((old_log_probs - self._log_probs(obs, act)).abs().mean())
+            steps += 1
+        group["lr"] = old_lr
+        return {"update_delta_logprob_final": size, "update_linesearch_steps": float(steps),
+                "update_linesearch_lr_capped": float(capped)}
+
+    def _update_actor_lr(self, initial_size: torch.Tensor) -> None:
+        """One AdamW step on −log_lr · (target − initial size), clamp to log(lr_actor), set the LR (§9 R13)."""
+        loss = -(self.log_actor_lr * (self.config.target_update - initial_size.detach()))
+        self.optimizer_actor_lr.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer_actor_lr.step()
+        with torch.no_grad():
+            self.log_actor_lr.clamp_(max=math.log(self.max_lr))
+        self.optimizer_actor.param_groups[0]["lr"] = float(self.log_actor_lr.detach().exp())
+
+    def _loss_metrics(self, losses: A2CLosses, rewards: torch.Tensor,
+                      actions: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            lp = losses.log_probs.detach()
+            metrics = {
+                "loss_actor": losses.loss_actor.detach(),
+                "loss_critic": losses.loss_critic.detach(),
+                "policy_entropy": losses.entropy.detach().mean(),
+                "policy_std": losses.policy_std.detach().mean(),
+                "policy_value": losses.values.detach()[:, 0].mean(),
+                "policy_value_im": losses.values.detach().mean(),
+                "policy_reward": rewards.mean(),
+                "policy_reward_std": rewards.std(),
+                "maximum_logprob": lp.max(),
+                "minimum_logprob": lp.min(),
+            }
+            metrics.update(standardized_stats(losses.policy_mean.detach(), losses.policy_std.detach(),
+                                              actions))
+        return metrics
+
+    def _to_floats(self, tensors: dict[str, torch.Tensor], extra: dict[str, float]) -> dict[str, float]:
+        values = torch.stack([t.detach().float().reshape(()) for t in tensors.values()]).tolist()  # one sync
+        out = dict(zip(tensors, values))
+        out["alpha"] = self.config.entropy_weight
+        out.update(extra)
+        return out
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs: networks, target critic, the three optimisers, log actor LR, step."""
+        return {
+            "step": self.step,
+            "config": asdict(self.config),
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "critic_target": self.critic_target.state_dict(),
+            "optimizer_actor": self.optimizer_actor.state_dict(),
+            "optimizer_critic": self.optimizer_critic.state_dict(),
+            "log_actor_lr": self.log_actor_lr.detach().clone(),
+            "optimizer_actor_lr": self.optimizer_actor_lr.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.actor.load_state_dict(state["actor"])
+        self.critic.load_state_dict(state["critic"])
+        self.critic_target.load_state_dict(state["critic_target"])
+        self.optimizer_actor.load_state_dict(state["optimizer_actor"])
+        self.optimizer_critic.load_state_dict(state["optimizer_critic"])
+        with torch.no_grad():
+            self.log_actor_lr.copy_(state["log_actor_lr"])
+        self.optimizer_actor_lr.load_state_dict(state["optimizer_actor_lr"])
+        self.step = int(state["step"])
