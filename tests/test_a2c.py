@@ -33,7 +33,7 @@ def snapshot(trainer: A2CTrainer) -> dict:
     buf = io.BytesIO()
     torch.save(trainer.state_dict(), buf)
     buf.seek(0)
-    return torch.load(buf, weights_only=False)
+    return torch.load(buf, weights_only=True)
 
 
 def assert_tree_equal(a, b, path="state"):
