@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent, Normal
 
-from .policy import Actor, Critic
+from .policy import Actor, Critic, standardized_action_moments
 
 ADV_EPS = 1e-8  # added to the advantage std when normalising (as the paper)
 
@@ -148,13 +148,10 @@ def standardized_stats(mean: torch.Tensor, std: torch.Tensor, actions: torch.Ten
     (B,T), then averaged over A). 0-dim tensors; the stds are 0 for a single (B,T) entry, as in the sampler."""
     z = (actions - mean) / std
     logp = Independent(Normal(torch.zeros_like(z), torch.ones_like(z)), 1).log_prob(z)
-    flat = z.reshape(-1, z.shape[-1])
-    several = flat.shape[0] > 1
     return {
-        "act_std": flat.std(dim=0).mean() if several else torch.zeros_like(flat[0, 0]),
-        "act_mean": flat.mean(dim=0).mean(),
+        **standardized_action_moments(z),
         "standardized_logprob_avg": logp.mean(),
-        "standardized_logprob_std": logp.std() if several else torch.zeros_like(flat[0, 0]),
+        "standardized_logprob_std": logp.std() if logp.numel() > 1 else torch.zeros_like(logp.reshape(-1)[0]),
         "standardized_logprob_min": logp.min(),
         "standardized_logprob_max": logp.max(),
     }

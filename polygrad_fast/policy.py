@@ -100,6 +100,14 @@ def normal_log_prob_grad(actions: torch.Tensor, mean: torch.Tensor, std: torch.T
     return (mean - actions) / std.square()
 
 
+def standardized_action_moments(z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """act_mean, act_std of standardised actions z = (a − μπ(s))/σπ(s) [..., A]: per-dim mean / std over all
+    leading entries, averaged over A (0-dim tensors; act_std is 0 for a single entry). On-policy actions give 0, 1."""
+    flat = z.reshape(-1, z.shape[-1])
+    act_std = flat.std(dim=0).mean() if flat.shape[0] > 1 else torch.zeros_like(flat[0, 0])
+    return {"act_mean": flat.mean(dim=0).mean(), "act_std": act_std}
+
+
 def policy_mean_std(out) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of a policy output: a (mean, std) pair, a Normal, or an Independent(Normal).
 

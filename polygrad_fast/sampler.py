@@ -26,7 +26,7 @@ from .backend import select_backend
 from .denoisers import Denoiser, low_precision_copy
 from .noise import fill_standard_normal
 from .normalizer import Normalizer
-from .policy import policy_mean_std
+from .policy import policy_mean_std, standardized_action_moments
 from .reference import step_ops
 from .reference.guided_sampling import SamplerNoise, change_metrics, guided_sample, update_guide_states
 from .reference.step_ops import _SIGMA, _SQRT_ABAR, GUIDANCE_TYPES, STATES_FOR_GUIDANCE
@@ -449,5 +449,4 @@ def standardized_action_stats(policy: Callable, obs: torch.Tensor, actions: torc
     if obs.shape[1] > 1:
         obs, actions = obs[:, :-1], actions[:, :-1]
     mean, std = policy_mean_std(policy(obs))
-    z = ((actions - mean) / std).reshape(-1, actions.shape[-1])
-    return {"act_mean": z.mean(), "act_std": z.std(dim=0).mean() if z.shape[0] > 1 else torch.zeros_like(z[0, 0])}
+    return standardized_action_moments((actions - mean) / std)
