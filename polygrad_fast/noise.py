@@ -27,6 +27,11 @@ def native_available() -> bool:
     return extension(CPU_OPS) is not None
 
 
+def _native_layout(out: torch.Tensor) -> bool:
+    """What the native kernel fills: a contiguous CPU float32 tensor."""
+    return out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
+
+
 def draw_seed(generator: torch.Generator | None = None) -> int:
     """One integer in [0, 2^63 - 1) from ``generator`` (torch's global CPU generator when None)."""
     return int(torch.randint(0, _SEED_HIGH, (), generator=generator, device="cpu"))
@@ -38,7 +43,7 @@ def native_standard_normal_(out: torch.Tensor, seed: int, offset: int = 0) -> to
     ops = extension(CPU_OPS)
     if ops is None:
         raise RuntimeError("polygrad_fast._cpu_ops is not available: build it with `pip install -e .`")
-    if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
+    if not _native_layout(out):
         raise ValueError(f"out must be a contiguous CPU float32 tensor, got {out.dtype} on {out.device} "
                          f"(contiguous={out.is_contiguous()})")
     if not (0 <= seed < 2**64 and 0 <= offset < 2**64):
@@ -49,7 +54,6 @@ def native_standard_normal_(out: torch.Tensor, seed: int, offset: int = 0) -> to
 
 def fill_standard_normal(out: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Fill ``out`` in place with N(0, 1) draws (see the module docstring for which generator) and return it."""
-    if (out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous() and native_available()
-            and (generator is None or generator.device.type == "cpu")):
+    if _native_layout(out) and native_available() and (generator is None or generator.device.type == "cpu"):
         return native_standard_normal_(out, draw_seed(generator))
     return out.normal_(generator=generator)  # what torch.randn does on a contiguous tensor

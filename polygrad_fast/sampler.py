@@ -73,7 +73,7 @@ class SamplerConfig:
     action_noise_scale: float = 1.0
     denoiser_dtype: str = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
     policy_dtype: str = "auto"  # same choices; 'auto' follows the resolved denoiser dtype
-    compile: bool = False  # torch.compile the denoiser and the policy + elementwise step (torch backend)
+    compile: bool = False  # torch.compile the whole reverse step (denoiser, policy, both ops; torch backend)
     backend: str = "auto"  # 'auto' | 'torch' | 'reference' | 'triton' (see polygrad_fast.backend)
     sync_weights: bool = True  # refresh low-precision copies from the live modules at every sample() call
     # CPU bf16 denoiser copy only: run its large Linears on oneDNN-prepacked weights (polygrad_fast.cpu_packed), the

@@ -37,19 +37,14 @@ inline uint32_t as_uint(float f) {
   return u;
 }
 
-inline void philox_rounds(uint32_t c[4], uint32_t k0, uint32_t k1) {
-  for (int i = 0; i < 10; ++i) {
-    const uint64_t p0 = static_cast<uint64_t>(kM0) * c[0];
-    const uint64_t p1 = static_cast<uint64_t>(kM1) * c[2];
-    const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c[1] ^ k0;
-    const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c[3] ^ k1;
-    c[1] = static_cast<uint32_t>(p1);
-    c[3] = static_cast<uint32_t>(p0);
-    c[0] = n0;
-    c[2] = n2;
-    k0 += kW0;
-    k1 += kW1;
-  }
+// One Philox4x32 round on counter words (c0, c1, c2, c3) under round key (k0, k1).
+inline void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
+  const uint64_t p0 = static_cast<uint64_t>(kM0) * c0;
+  const uint64_t p1 = static_cast<uint64_t>(kM1) * c2;
+  c0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+  c2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+  c1 = static_cast<uint32_t>(p1);
+  c3 = static_cast<uint32_t>(p0);
 }
 
 // ln(u) for normal floats u in (0, 1]: u = m 2^e with m in [sqrt(1/2), sqrt(2)), t = m - 1,
@@ -110,17 +105,8 @@ void normal_block(uint64_t seed, uint64_t g0, float* z) {
     c3[j] = 0u;
   }
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int i = 0; i < 10; ++i) {  // the Philox rounds of philox_rounds, for all counters of the block
-    for (int j = 0; j < kBlock; ++j) {
-      const uint64_t p0 = static_cast<uint64_t>(kM0) * c0[j];
-      const uint64_t p1 = static_cast<uint64_t>(kM1) * c2[j];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[j] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[j] ^ k1;
-      c1[j] = static_cast<uint32_t>(p1);
-      c3[j] = static_cast<uint32_t>(p0);
-      c0[j] = n0;
-      c2[j] = n2;
-    }
+  for (int i = 0; i < 10; ++i) {  // the rounds for all counters of the block (counter index innermost)
+    for (int j = 0; j < kBlock; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], k0, k1);
     k0 += kW0;
     k1 += kW1;
   }
@@ -146,9 +132,13 @@ void normal_block(uint64_t seed, uint64_t g0, float* z) {
 }  // namespace
 
 void philox4x32_10(uint64_t seed, uint64_t group, uint32_t out[4]) {
-  uint32_t c[4] = {static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), 0u, 0u};
-  philox_rounds(c, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  std::memcpy(out, c, sizeof(c));
+  uint32_t c0 = static_cast<uint32_t>(group), c1 = static_cast<uint32_t>(group >> 32), c2 = 0u, c3 = 0u;
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int i = 0; i < 10; ++i, k0 += kW0, k1 += kW1) philox_round(c0, c1, c2, c3, k0, k1);
+  out[0] = c0;
+  out[1] = c1;
+  out[2] = c2;
+  out[3] = c3;
 }
 
 void normal_fill(float* out, int64_t n, uint64_t seed, uint64_t offset, int threads) {
