@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent, Normal
 
-from .policy import Actor, Critic, standardized_action_moments
+from .policy import Actor, Critic, policy_distribution, standardized_action_moments
 
 ADV_EPS = 1e-8  # added to the advantage std when normalising (as the paper)
 
@@ -263,7 +263,7 @@ class A2CTrainer:
             advantages, value_targets = lambda_returns(target_values, rew, term, c.gamma, c.lambda_gae)
             weights = reality_weights(term)
         mean, std = self.actor(obs[:, :-1])
-        dist = Independent(Normal(mean, std), 1)
+        dist = policy_distribution((mean, std))
         log_probs = dist.log_prob(act[:, :-1])  # [B,H-1]
         entropy = dist.entropy()
         adv = normalize_advantages(advantages) if c.normalize_adv else advantages
@@ -273,8 +273,7 @@ class A2CTrainer:
         return A2CLosses(loss_a, loss_c, log_probs, entropy, advantages, value_targets, weights, values, mean, std)
 
     def _log_probs(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        mean, std = self.actor(obs)
-        return Independent(Normal(mean, std), 1).log_prob(act)
+        return self.actor.distribution(obs).log_prob(act)
 
     # ------------------------------------------------------------------ update
     def update(self, batch: TrajectoryBatch, log_only: bool = False) -> dict[str, float]:
