@@ -125,7 +125,8 @@ def _fingerprint(sampler) -> tuple:
     for module in (sampler._denoiser_fast, policy):
         if isinstance(module, nn.Module):
             tensors += list(module.parameters()) + list(module.buffers())
-    return dataclasses.astuple(sampler.config), tuple(t.data_ptr() for t in tensors)
+    return (dataclasses.astuple(sampler.config), dataclasses.astuple(sampler.execution),
+            tuple(t.data_ptr() for t in tensors))
 
 
 class CudaGraphSampler:

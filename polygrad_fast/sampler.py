@@ -16,13 +16,13 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 from torch import nn
 
 from . import cpu_layer_norm, cpu_packed
-from .backend import select_backend
+from .backend import ExecutionOptions, check_fields, resolve_dtype, select_backend
 from .denoisers import Denoiser, low_precision_copy
 from .noise import fill_standard_normal
 from .normalizer import Normalizer
@@ -33,76 +33,45 @@ from .reference.step_ops import _SIGMA, _SQRT_ABAR, GUIDANCE_TYPES, STATES_FOR_G
 from .schedule import NoiseSchedule
 
 RECOMPILE_LIMIT = 64  # compiled entries of the step function before dynamo falls back to eager
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+GuidanceType = Literal["grad", "sample", "none"]
+StatesForGuidance = Literal["recon", "posterior_mean"]
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has AMX-BF16 or AVX512-BF16 (bf16 matmuls ~3.5x faster than fp32 on Sapphire Rapids)."""
-    checks = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    if all(c is not None for c in checks):
-        return any(c() for c in checks)
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CPUs with fast bf16 and on CUDA devices with bf16 (fp16 on older GPUs), else fp32."""
-    if name == "auto":
-        if device.type == "cpu":
-            return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return DTYPES[name]
-
-
-@dataclass
+@dataclass(frozen=True)
 class SamplerConfig:
-    """Options of ``FastGuidedSampler`` (names and defaults as the paper's config keys, §4a)."""
+    """The guided sampler's algorithm: the paper's options, with its config keys' names and defaults.
 
-    guidance_type: str = "grad"  # 'grad' | 'sample' | 'none'
-    guidance_scale: float = 0.005  # initial value; kept as a device tensor (see GuidanceScaleTuner)
-    clip_std: float | None = 3.0  # clamp actions to policy mean ± clip_std·std; None disables
-    clip_state_change: float | None = 0.25  # clamp |posterior mean − x| for t <= 10; None disables
-    states_for_guidance: str = "recon"  # 'recon' (x0 prediction) | 'posterior_mean'
-    update_states: bool = False  # ablation: also push guide states along ∇_s log π (autograd)
+    guidance_type: 'grad' (a += w * grad_a log pi(a|s), the paper's policy guidance), 'sample' (actions drawn
+    from the policy), 'none'. guidance_scale: w, the initial value (kept as a device tensor; see
+    ``GuidanceScaleTuner``). clip_std: clamp the actions to the policy's mean +- clip_std * std (None disables).
+    clip_state_change: clamp |posterior mean - x| in the last reverse steps t <= 10 (None disables).
+    states_for_guidance: the policy sees the x0 prediction ('recon') or the posterior mean ('posterior_mean').
+    update_states: ablation, also move the guide states along grad_s log pi (autograd; 'grad' only).
+    action_noise_scale: multiplies the noise added to the actions at each reverse step.
+    How it runs (dtypes, compile, backend, CPU kernels) is ``backend.ExecutionOptions``.
+    """
+
+    guidance_type: GuidanceType = "grad"
+    guidance_scale: float = 0.005
+    clip_std: float | None = 3.0
+    clip_state_change: float | None = 0.25
+    states_for_guidance: StatesForGuidance = "recon"
+    update_states: bool = False
     action_noise_scale: float = 1.0
-    denoiser_dtype: str = "auto"  # 'auto' | 'float32' | 'bfloat16' | 'float16'
-    policy_dtype: str = "auto"  # same choices; 'auto' follows the resolved denoiser dtype
-    compile: bool = False  # torch.compile the whole reverse step (denoiser, policy, both ops; torch backend)
-    backend: str = "auto"  # 'auto' | 'torch' | 'reference' | 'triton' (see polygrad_fast.backend)
-    sync_weights: bool = True  # refresh low-precision copies from the live modules at every sample() call
-    # CPU bf16 denoiser copy only: run its large Linears on oneDNN-prepacked weights (polygrad_fast.cpu_packed), the
-    # residual blocks' skip connection added in the GEMM epilogue. Hopper B=256: compiled denoiser 3.5 vs 4.3 ms,
-    # whole sample() ~5% faster. Repacked at each weight sync (~5 ms for the Hopper denoiser), no recompile. Batches
-    # in the band cpu_packed.PLAIN_ROWS (513..1023) run plain (packed was slower there). False: the plain bf16 path.
-    cpu_prepack: bool = True
-    # CPU low-precision copies only: LayerNorm followed by ReLU/ELU runs as one native kernel
-    # (polygrad_fast.cpu_layer_norm): in the policy copy always, in the denoiser copy only when not compiled (see
-    # _setup_fast for the measurements). False: torch/inductor LayerNorm and activation.
-    cpu_fuse_norm_act: bool = True
 
-    def validate(self) -> None:
-        choices = {"guidance_type": GUIDANCE_TYPES, "states_for_guidance": STATES_FOR_GUIDANCE,
-                   "denoiser_dtype": ("auto",) + tuple(DTYPES), "policy_dtype": ("auto",) + tuple(DTYPES),
-                   "backend": ("auto", "torch", "reference", "triton")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+    def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("clip_std", "clip_state_change"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and v > 0):
-                raise ValueError(f"{name} must be None or a positive number, got {v!r}")
-        if not (isinstance(self.guidance_scale, (int, float)) and self.guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be a number >= 0, got {self.guidance_scale!r}")
-        if not (isinstance(self.action_noise_scale, (int, float)) and self.action_noise_scale >= 0):
-            raise ValueError(f"action_noise_scale must be a number >= 0, got {self.action_noise_scale!r}")
+            if v is not None and not v > 0:
+                raise ValueError(f"SamplerConfig.{name} must be None or a positive number, got {v!r}")
+        for name in ("guidance_scale", "action_noise_scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"SamplerConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
         if self.update_states and self.guidance_type != "grad":
-            raise ValueError("update_states=True needs guidance_type='grad' (the paper applies it only there)")
+            raise ValueError("SamplerConfig.update_states=True needs guidance_type='grad' (the paper applies it "
+                             f"only there), got guidance_type={self.guidance_type!r}")
 
 
 @dataclass
@@ -174,23 +143,34 @@ def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
             d.copy_(src_tensors[name])
 
 
+def _split_options(config: SamplerConfig | None, execution: ExecutionOptions | None,
+                   options: dict) -> tuple[SamplerConfig, ExecutionOptions]:
+    """(config, execution) with each keyword option applied to the dataclass that has a field of its name."""
+    names = {cls: {f.name for f in fields(cls)} for cls in (SamplerConfig, ExecutionOptions)}
+    unknown = sorted(set(options) - names[SamplerConfig] - names[ExecutionOptions])
+    if unknown:
+        raise TypeError(f"unknown sampler option(s) {unknown}; known: SamplerConfig {sorted(names[SamplerConfig])}, "
+                        f"ExecutionOptions {sorted(names[ExecutionOptions])}")
+    for given, cls in ((config, SamplerConfig), (execution, ExecutionOptions)):
+        if given is not None and not isinstance(given, cls):
+            raise TypeError(f"expected a {cls.__name__} or None, got {type(given).__name__}")
+    return tuple(replace(given or cls(), **{k: v for k, v in options.items() if k in names[cls]})
+                 for given, cls in ((config, SamplerConfig), (execution, ExecutionOptions)))
+
+
 class FastGuidedSampler:
     """Policy-guided sampling of imagined trajectories from a start-observation batch.
 
     ``denoiser(x [B,H,D], actions [B,H,A], t [B]) -> x0 [B,H,D]`` (x0 prediction, normalised space);
     ``policy(raw_states [...,O])`` returns (mean, std), a Normal or an Independent(Normal) over RAW actions
-    (closed-form guidance assumes exactly that; the repository's ``Actor`` qualifies). Options: ``SamplerConfig``
-    fields, as a ``config=`` or keyword arguments.
+    (closed-form guidance assumes exactly that; the repository's ``Actor`` qualifies). Options: the algorithm
+    (``SamplerConfig``, ``config=``) and how it runs (``ExecutionOptions``, ``execution=``); a keyword option
+    naming a field of either replaces that field.
     """
 
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, policy: Callable, normalizer: Normalizer,
-                 config: SamplerConfig | None = None, **options):
-        known = {f.name for f in fields(SamplerConfig)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"unknown sampler option(s) {unknown}; known: {sorted(known)}")
-        self.config = cfg = replace(config or SamplerConfig(), **options)
-        cfg.validate()
+                 config: SamplerConfig | None = None, execution: ExecutionOptions | None = None, **options):
+        self.config, self.execution = cfg, ex = _split_options(config, execution, options)
         params = list(denoiser.parameters())
         self.device = params[0].device if params else normalizer.device
         if normalizer.device != self.device:
@@ -209,7 +189,7 @@ class FastGuidedSampler:
         policy_params = list(policy.parameters()) if isinstance(policy, nn.Module) else []
         if policy_params and policy_params[0].device != self.device:
             raise ValueError(f"policy is on {policy_params[0].device} but the denoiser on {self.device}")
-        self.backend = select_backend(self.device, cfg.backend)
+        self.backend = select_backend(self.device, ex.backend)
         self.guidance_scale = torch.tensor(float(cfg.guidance_scale), device=self.device)
         self.step_table = schedule.step_table(device=self.device)
         if self.backend != "reference":
@@ -217,17 +197,17 @@ class FastGuidedSampler:
 
     # ---------------------------------------------------------------- fast-path setup
     def _setup_fast(self) -> None:
-        cfg = self.config
-        self.denoiser_dtype = resolve_dtype(cfg.denoiser_dtype, self.device)
+        cfg, ex = self.config, self.execution
+        self.denoiser_dtype = resolve_dtype(ex.denoiser_dtype, self.device)
         if self.denoiser_dtype != torch.float32 and not isinstance(self.denoiser, Denoiser):
-            if cfg.denoiser_dtype != "auto":
-                raise TypeError(f"denoiser_dtype={cfg.denoiser_dtype!r} needs a polygrad_fast Denoiser "
+            if ex.denoiser_dtype != "auto":
+                raise TypeError(f"denoiser_dtype={ex.denoiser_dtype!r} needs a polygrad_fast Denoiser "
                                 f"(low_precision_copy); got {type(self.denoiser).__name__}")
             self.denoiser_dtype = torch.float32  # a foreign module runs as given
         self._denoiser_fast = (self.denoiser if self.denoiser_dtype == torch.float32
                                else low_precision_copy(self.denoiser, self.denoiser_dtype))
-        self.policy_dtype = (self.denoiser_dtype if cfg.policy_dtype == "auto"
-                             else resolve_dtype(cfg.policy_dtype, self.device))
+        self.policy_dtype = (self.denoiser_dtype if ex.policy_dtype == "auto"
+                             else resolve_dtype(ex.policy_dtype, self.device))
         if self.policy_dtype != torch.float32 and isinstance(self.policy, nn.Module):
             self._policy_copy = copy.deepcopy(self.policy).eval().requires_grad_(False).to(self.policy_dtype)
             self._policy_fast: Callable = _CastCall(self._policy_copy, self.policy_dtype)
@@ -238,12 +218,12 @@ class FastGuidedSampler:
         self._packed = []  # low-precision copies whose Linears run prepacked (cpu_packed)
         # The denoiser copy only: packing the policy's 256x256 Linear too (B·H rows) made sample() 2-3% slower at
         # B=1024 in an interleaved run (neutral at B=256) while the denoiser alone was 4% faster.
-        if (cfg.cpu_prepack and self.device.type == "cpu" and self.denoiser_dtype == torch.bfloat16
+        if (ex.cpu_prepack and self.device.type == "cpu" and self.denoiser_dtype == torch.bfloat16
                 and self._denoiser_fast is not self.denoiser and cpu_packed.available()
                 and cpu_packed.prepack_linears(self._denoiser_fast, batch_hint=256)):
             self._packed.append(self._denoiser_fast)
-        compiled = cfg.compile and self.backend == "torch" and not cfg.update_states
-        if cfg.cpu_fuse_norm_act and self.device.type == "cpu" and cpu_layer_norm.available():
+        compiled = ex.compile and self.backend == "torch" and not cfg.update_states
+        if ex.cpu_fuse_norm_act and self.device.type == "cpu" and cpu_layer_norm.available():
             # Hopper B=256, sample() min of 5-8 interleaved rounds (s): compiled: nothing fused 0.575, policy 0.547,
             # policy + denoiser 0.551, denoiser 0.596 (in a compiled graph the op's dispatch cost and the lost
             # fusion of the residual add outweigh the faster 256x1024 kernel); eager: nothing 0.811, policy 0.695,
@@ -361,7 +341,7 @@ class FastGuidedSampler:
             generator=generator)
 
     def _sync(self) -> None:
-        if not self.config.sync_weights:
+        if not self.execution.sync_weights:
             return
         if self._denoiser_fast is not self.denoiser:
             _copy_weights(self._denoiser_fast, self.denoiser)

@@ -15,7 +15,8 @@ from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor
 from polygrad_fast.reference.guided_sampling import SamplerNoise
-from polygrad_fast.sampler import FastGuidedSampler, SamplerConfig, resolve_dtype
+from polygrad_fast.backend import ExecutionOptions, resolve_dtype
+from polygrad_fast.sampler import FastGuidedSampler, SamplerConfig
 from polygrad_fast.schedule import NoiseSchedule
 
 O, A = 5, 3  # D = 7
@@ -240,6 +241,32 @@ def test_bad_horizon_noise_and_options():
     with pytest.raises(ValueError, match="denoiser.transition_dim"):
         FastGuidedSampler(denoiser, schedule, policy, make_normalizer(O + 1))
     assert SamplerConfig().guidance_scale == 0.005
+
+
+def test_options_split_between_algorithm_and_execution():
+    """Keyword options go to the dataclass that has the field; explicit objects are kept; invalid values raise
+    listing the allowed ones; both dataclasses are frozen."""
+    setup = make_setup()
+    s = FastGuidedSampler(*setup, config=SamplerConfig(clip_std=2.0), execution=ExecutionOptions(sync_weights=False),
+                          guidance_type="sample", backend="reference")
+    assert (s.config.clip_std, s.config.guidance_type) == (2.0, "sample")
+    assert (s.execution.sync_weights, s.execution.backend) == (False, "reference")
+    assert not hasattr(s.config, "backend") and not hasattr(s.execution, "guidance_type")
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'torch', 'reference', 'triton'\], got 'gpu'"):
+        ExecutionOptions(backend="gpu")
+    with pytest.raises(TypeError, match="compile must be a bool, got 1"):
+        ExecutionOptions(compile=1)
+    for bad in (float("nan"), float("inf"), -0.1, "0.1"):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            SamplerConfig(guidance_scale=bad)
+    with pytest.raises(ValueError, match="action_noise_scale"):
+        SamplerConfig(action_noise_scale=float("nan"))
+    with pytest.raises(TypeError, match="expected a SamplerConfig"):
+        FastGuidedSampler(*setup, config=ExecutionOptions())
+    with pytest.raises(TypeError, match="ExecutionOptions.*cpu_prepack"):
+        FastGuidedSampler(*setup, cpu_prepak=False)
+    with pytest.raises(AttributeError):
+        SamplerConfig().clip_std = 1.0  # frozen
 
 
 def test_backend_selection(monkeypatch):
