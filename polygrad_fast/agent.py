@@ -1,0 +1,597 @@
+"""The PolyGRAD agent: online reinforcement learning in trajectories imagined by policy-guided diffusion.
+
+    python -m polygrad_fast.agent --preset pendulum-cpu                 # InvertedPendulum on a 2-core CPU
+    python -m polygrad_fast.agent --preset hopper device=cuda           # the paper's Hopper run
+    python -m polygrad_fast.agent --preset debug --logdir /tmp/run a2c.lr_actor=1e-3
+
+``run(config, logdir)`` is the entry point. ``Agent.train`` is the paper's Algorithm 1, step by step:
+
+1. an exploration env and a separate evaluation env (actions clipped to the action space); random prefill of
+   whole episodes until at least ``n_prefill_steps`` transitions; the normaliser fitted on it;
+2. each env step: a ~ N(tanh(mu(s)), exp(logstd) + min_std) from the current actor; the buffer gets s, the
+   unclipped a, r, terminated/truncated and the simulator state before the step;
+3. at an episode's end (terminated, truncated or ``max_path_length``): the episode enters the buffer, the env is
+   reset and the normaliser refitted on the whole buffer (refreshed in place: the sampler sees it at once; the
+   diffusion trainer's windows are normalised by the buffer with the same statistics). An open episode is
+   neither in the statistics nor sampled;
+4. every ``1 / train_agent_ratio`` env steps, once ``pretrain_diffusion`` diffusion steps are done: imagine
+   ``agent_batch_size`` trajectories from the first states of buffer windows with the EMA denoiser and policy
+   guidance, one A2C update on them, one guidance-scale update (standardised action std towards 1);
+5. then ``train_diffusion_ratio / train_agent_ratio`` diffusion steps;
+6. every ``eval_interval`` env steps (and at step 0 and the end): mean-action episodes on the evaluation env and
+   the error of imagined trajectories replayed in the simulator from their exact start states.
+
+Checkpoints (every ``checkpoint_interval`` env steps, atomic, last ``keep_checkpoints`` kept) hold everything
+the loop reads, including RNG states and the exploration env's exact mid-episode simulator state, so a killed
+run rerun into the same directory continues as if it had never stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import mujoco
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .a2c import A2CTrainer
+from .agent_config import AGENT_PRESETS, AgentConfig, get_agent_preset
+from .buffer import TrajectoryBuffer
+from .config import apply_overrides, save_config, to_dict
+from .denoisers import build_denoiser
+from .diffusion_trainer import DiffusionTrainer
+from .envs import SUPPORTED_ENVS, SimStateEnv, random_episodes, run_episode
+from .evaluation import trajectory_errors
+from .guidance import GuidanceScaleTuner
+from .normalizer import FIELDS, Normalizer
+from .policy import Actor, Critic
+from .run_logging import RunLogger
+from .sampler import FastGuidedSampler
+from .schedule import NoiseSchedule
+from .train_world_model import window_seed
+
+CHECKPOINT_FORMAT = 1
+# buffer-window seed purposes (train_world_model.window_seed): one stream each, reproducible per step
+_TRAIN_WINDOWS, _AGENT_WINDOWS, _ERROR_WINDOWS = 0, 1, 2
+PHASES = ("env", "imagine", "a2c", "diffusion", "eval", "checkpoint")
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN or inf appeared; the message names where and which env step, and the last good checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------------- envs
+class _UnlistedSimStateEnv(SimStateEnv):
+    """``SimStateEnv`` for agent tasks that ``envs.SUPPORTED_ENVS`` does not list (InvertedPendulum).
+
+    Same attributes as ``SimStateEnv.__init__`` sets; to be removed once envs.py lists these tasks.
+    """
+
+    def __init__(self, name: str, seed: int | None = None):
+        self.name = name
+        self.env = gym.make(name)
+        self._mj_model = self.env.unwrapped.model
+        self._mj_data = self.env.unwrapped.data
+        self.sim_state_dim = mujoco.mj_stateSize(self._mj_model, mujoco.mjtState.mjSTATE_INTEGRATION)
+        self.obs_dim = int(np.prod(self.env.observation_space.shape))
+        self.act_dim = int(np.prod(self.env.action_space.shape))
+        self.max_episode_steps = self.env.spec.max_episode_steps
+        self._seed = seed
+        if seed is not None:
+            self.env.action_space.seed(seed)
+
+
+def make_env(name: str, seed: int) -> SimStateEnv:
+    return SimStateEnv(name, seed=seed) if name in SUPPORTED_ENVS else _UnlistedSimStateEnv(name, seed=seed)
+
+
+def _time_limit(env: SimStateEnv) -> gym.wrappers.TimeLimit | None:
+    w = env.env
+    while isinstance(w, gym.Wrapper):
+        if isinstance(w, gym.wrappers.TimeLimit):
+            return w
+        w = w.env
+    return None
+
+
+def env_state(env: SimStateEnv) -> dict[str, Any]:
+    """What an exact env resume needs: the exact simulator state, its reset RNG, the time-limit counter."""
+    limit = _time_limit(env)
+    return {"sim_state": env.get_sim_state(), "np_random": env.env.unwrapped.np_random.bit_generator.state,
+            "first_reset_seed": env._seed, "elapsed_steps": None if limit is None else limit._elapsed_steps}
+
+
+def restore_env_state(env: SimStateEnv, state: dict[str, Any]) -> np.ndarray:
+    """Put ``env`` back into ``env_state`` output mid-episode; returns the observation there."""
+    env.reset()  # gymnasium's wrappers refuse step() before a reset; its RNG draws are overwritten below
+    obs = env.set_sim_state(state["sim_state"])
+    env.env.unwrapped.np_random.bit_generator.state = state["np_random"]
+    env._seed = state["first_reset_seed"]
+    limit = _time_limit(env)
+    if limit is not None and state["elapsed_steps"] is not None:
+        limit._elapsed_steps = state["elapsed_steps"]
+    return obs
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def refresh_normalizer(normalizer: Normalizer, stats: dict) -> None:
+    """Copy new statistics into ``normalizer``'s tensors in place (whoever holds it sees them; nothing rebuilt)."""
+    fresh = Normalizer(stats, device=normalizer.device)  # validates (NaN, shapes)
+    for name in FIELDS:
+        normalizer[name].mean.copy_(fresh[name].mean)
+        normalizer[name].std.copy_(fresh[name].std)
+
+
+def _non_finite(values: dict[str, float]) -> list[str]:
+    return [k for k, v in values.items() if not math.isfinite(v)]
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
+    """Write ``state`` to ``directory/step_{step:09d}.pt`` atomically (temp file, fsync, rename, fsync dir) and
+    delete all but the newest ``keep`` checkpoints."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step_{step:09d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink()
+    return path
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp files of an interrupted write are ignored)."""
+    return sorted(directory.glob("step_*.pt")) if directory.is_dir() else []
+
+
+def load_checkpoint(path: Path) -> dict:
+    # Our own run directory's file; it holds numpy arrays and RNG states, hence not weights_only.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------------------------- the agent
+class Agent:
+    """The pieces of one online run, built from an ``AgentConfig``; ``train()`` runs the loop."""
+
+    def __init__(self, cfg: AgentConfig, logdir: str | Path, progress: bool = True, tensorboard: bool = False):
+        self.cfg, self.logdir, self.progress = cfg, Path(logdir), progress
+        self.checkpoint_dir = self.logdir / "checkpoints"
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.device = dev = torch.device(cfg.device)
+
+        # 1. exploration and evaluation envs (SimStateEnv clips actions; the buffer keeps them unclipped)
+        self.expl_env = make_env(cfg.env, seed=cfg.seed)
+        self.eval_env = make_env(cfg.env, seed=cfg.seed + 10_000)
+        O, A, S = self.expl_env.obs_dim, self.expl_env.act_dim, self.expl_env.sim_state_dim
+        self.buffer = TrajectoryBuffer(O, A, S, cfg.capacity)
+
+        schedule = NoiseSchedule(cfg.n_diffusion_steps, cfg.noise_tau)
+        denoiser = build_denoiser(cfg.denoiser, cfg.horizon, O + 2, A).to(dev)
+        self.trainer = DiffusionTrainer(denoiser, schedule, dataclasses.replace(cfg.trainer, seed=cfg.seed))
+        p = cfg.policy
+        self.actor = Actor(O, A, p.hidden, p.layers, p.init_std, p.min_std, p.learned_std).to(dev)
+        self.critic = Critic(O, p.hidden, p.layers).to(dev)
+        self.a2c = A2CTrainer(self.actor, self.critic, cfg.a2c)
+        self.tuner = GuidanceScaleTuner(cfg.sampler.guidance_scale, lr=cfg.guidance_lr, device=dev)
+        self.normalizer = Normalizer.identity(O, A, device=dev)  # fitted on the prefill in start()
+        self.sampler = FastGuidedSampler(self.trainer.ema_model, schedule, self.actor, self.normalizer,
+                                         config=cfg.sampler, execution=cfg.execution)
+        self.generators = {name: torch.Generator(dev).manual_seed(cfg.seed * 8 + i)
+                           for i, name in enumerate(("action", "imagine", "errors"))}
+
+        # loop state (all of it is in the checkpoint)
+        self.env_steps = 0
+        self.obs: np.ndarray | None = None
+        self.episode: dict[str, list] = {k: [] for k in ("obs", "act", "rew", "sim")}
+        self.episode_return = 0.0
+        self.recent_returns: deque[float] = deque(maxlen=10)
+        self.last_agent: dict[str, float] = {}
+        self.last_diffusion: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
+        self.timers = dict.fromkeys(PHASES, 0.0)
+        self.logger: RunLogger | None = None
+        self.tensorboard = tensorboard
+
+    # ------------------------------------------------------------------ start / resume
+    def start(self) -> str:
+        """Resume from the newest checkpoint in the run directory, else prefill; returns 'resumed' or 'fresh'."""
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        config_path = self.logdir / "config.json"
+        if config_path.exists():
+            saved = json.loads(config_path.read_text())
+            if saved != json.loads(json.dumps(to_dict(self.cfg))):
+                diff = sorted(_dict_diff(saved, to_dict(self.cfg)))
+                raise ValueError(f"{self.logdir} holds a run with a different config (differs in {diff}); "
+                                 "use another --logdir or the same config to resume it")
+        save_config(self.cfg, config_path)
+        ckpts = list_checkpoints(self.checkpoint_dir)
+        step = 0
+        if ckpts:
+            state = load_checkpoint(ckpts[-1])
+            self.load_state_dict(state)
+            step = self.env_steps
+        _truncate_metrics(self.logdir / "metrics.jsonl", step)  # records past the checkpoint will be redone
+        self.logger = RunLogger(self.logdir, tensorboard=self.tensorboard)
+        if ckpts:
+            return "resumed"
+        self.prefill()
+        return "fresh"
+
+    def prefill(self) -> None:
+        """Step 1: random whole episodes until at least n_prefill_steps transitions; fit the normaliser."""
+        t0 = time.perf_counter()
+        for ep in random_episodes(self.expl_env, self.cfg.n_prefill_steps, seed=self.cfg.seed):
+            self.buffer.add_episode(ep.observations, ep.actions, ep.rewards, ep.sim_states,
+                                    terminated=ep.terminated, truncated=ep.truncated)
+        refresh_normalizer(self.normalizer, self.buffer.stats())
+        self.obs, _ = self.expl_env.reset()
+        self.logger.log(0, {"dataset/transitions": self.buffer.num_transitions,
+                            "dataset/episodes": self.buffer.num_episodes,
+                            "perf/prefill_seconds": time.perf_counter() - t0})
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        """Algorithm 1 until ``n_env_steps``; returns the final metrics (last evaluation included)."""
+        cfg = self.cfg
+        if self.env_steps == 0 and not self.last_eval:
+            self.evaluate_and_log()  # step 6 at env step 0
+        bar = tqdm(total=cfg.n_env_steps, initial=self.env_steps, disable=not self.progress, unit="env step",
+                   desc=cfg.env, smoothing=0.05)
+        t_log = time.perf_counter()
+        try:
+            while self.env_steps < cfg.n_env_steps:
+                step = self.env_steps  # the paper's counter: the period test uses the step being taken
+                self.env_step()  # 2. and 3.
+                if step % cfg.agent_period == 0:
+                    if self.trainer.step >= cfg.pretrain_diffusion:
+                        self.agent_update(step)  # 4.
+                    self.diffusion_updates()  # 5.
+                self.env_steps += 1
+                bar.update(1)
+                if self.env_steps % cfg.log_interval == 0:
+                    now = time.perf_counter()
+                    self.log_progress(cfg.log_interval / (now - t_log))
+                    t_log = now
+                    if self.recent_returns:
+                        bar.set_postfix(ret=f"{np.mean(self.recent_returns):.1f}",
+                                        eval=f"{self.last_eval.get('eval/return_mean', float('nan')):.1f}")
+                if self.env_steps % cfg.eval_interval == 0 or self.env_steps == cfg.n_env_steps:
+                    self.evaluate_and_log()  # 6.
+                    t_log = time.perf_counter()
+                if cfg.checkpoint_interval and self.env_steps % cfg.checkpoint_interval == 0:
+                    self.checkpoint()
+        finally:
+            bar.close()
+        if not (cfg.checkpoint_interval and self.env_steps % cfg.checkpoint_interval == 0):
+            self.checkpoint()  # the finished run
+        return self.final_metrics()
+
+    def env_step(self) -> None:
+        """Steps 2 and 3: one stochastic actor step in the exploration env; an ended episode enters the buffer."""
+        t0 = time.perf_counter()
+        cfg, env = self.cfg, self.expl_env
+        action = self.act(self.obs, deterministic=False)
+        next_obs, reward, terminated, truncated, info = env.step(action)
+        if not (np.isfinite(next_obs).all() and math.isfinite(reward)):
+            self._fail("the exploration env's observation/reward", f"obs={next_obs}, reward={reward}")
+        ep = self.episode
+        ep["obs"].append(self.obs)
+        ep["act"].append(action)
+        ep["rew"].append(reward)
+        ep["sim"].append(info["sim_state"])
+        self.episode_return += reward
+        self.obs = next_obs
+        length = len(ep["rew"])
+        if terminated or truncated or length >= cfg.max_path_length:
+            self.buffer.add_episode(np.stack(ep["obs"]), np.stack(ep["act"]), np.asarray(ep["rew"], np.float32),
+                                    np.stack(ep["sim"]), terminated=terminated, truncated=not terminated)
+            refresh_normalizer(self.normalizer, self.buffer.stats())
+            self.logger.log(self.env_steps + 1, {"expl/return": self.episode_return, "expl/length": length},
+                            echo=False)
+            self.recent_returns.append(self.episode_return)
+            self.episode = {k: [] for k in ep}
+            self.episode_return = 0.0
+            self.obs, _ = env.reset()
+        self.timers["env"] += time.perf_counter() - t0
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
+        """obs [O] raw -> action [A] (float32, unclipped): tanh(mu(s)) or a sample of N(tanh(mu(s)), std)."""
+        o = torch.as_tensor(obs, dtype=torch.float32, device=self.device)[None]
+        mean, std = self.actor(o)
+        if deterministic:
+            return mean[0].cpu().numpy()
+        noise = torch.randn(mean.shape, generator=self.generators["action"], device=self.device)
+        return (mean + std * noise)[0].cpu().numpy()
+
+    def imagine(self, n: int, seed: int, generator: torch.Generator, sim_states: bool = False):
+        """Imagined trajectories [n, H, ...] from the first states of ``n`` buffer windows (and the windows)."""
+        windows = self.buffer.sample_windows(n, self.cfg.horizon, seed=seed, normalize=False, sim_states=sim_states)
+        self.sampler.set_guidance_scale(self.tuner.scale)
+        batch = self.sampler.sample(windows.start_obs.to(self.device), generator=generator)
+        bad = [name for name in ("observations", "actions", "rewards")
+               if not bool(torch.isfinite(getattr(batch, name)).all())]
+        if bad:
+            self._fail("imagination (the sampler's output)", f"{bad} of the imagined batch")
+        return batch, windows
+
+    def agent_update(self, step: int) -> None:
+        """Step 4: imagine a batch with the EMA denoiser, one A2C update, one guidance-scale update."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch, _ = self.imagine(cfg.agent_batch_size, window_seed(cfg.seed, _AGENT_WINDOWS, step),
+                                self.generators["imagine"])
+        t1 = time.perf_counter()
+        metrics = self.a2c.update(batch)
+        bad = _non_finite(metrics)
+        if bad:
+            self._fail("the A2C update", f"metrics {bad}")
+        if cfg.tune_guidance and cfg.sampler.guidance_type == "grad":
+            self.tuner.update(batch.metrics["act_std"])
+        scale = float(self.tuner.scale)
+        if not math.isfinite(scale):
+            self._fail("the guidance-scale update", f"scale={scale}")
+        imagined = _floats({k: v for k, v in batch.metrics.items()})
+        metrics.update({f"imagine/{k}": v for k, v in imagined.items()})
+        metrics["guidance_scale"] = scale
+        metrics["action_std_error"] = 1.0 - imagined["act_std"]
+        self.last_agent = metrics
+        self.timers["imagine"] += t1 - t0
+        self.timers["a2c"] += time.perf_counter() - t1
+
+    def diffusion_updates(self) -> None:
+        """Step 5: ``diffusion_steps_per_period`` denoiser steps on normalised buffer windows."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        for _ in range(cfg.diffusion_steps_per_period):
+            windows = self.buffer.sample_windows(cfg.trainer.batch_size, cfg.horizon,
+                                                 seed=window_seed(cfg.seed, _TRAIN_WINDOWS, self.trainer.step),
+                                                 normalize=True, sim_states=False)
+            metrics = self.trainer.train_step(windows)
+            bad = _non_finite(metrics)
+            if bad:
+                self._fail("the diffusion training step", f"metrics {bad} at diffusion step {self.trainer.step}")
+        self.last_diffusion = metrics
+        self.timers["diffusion"] += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ evaluation and logging
+    def evaluate(self) -> dict[str, float]:
+        """Step 6: ``eval_episodes`` mean-action episodes on the evaluation env, and the world-model error of
+        ``error_trajectories`` imagined trajectories replayed in the simulator from their exact start states."""
+        cfg = self.cfg
+        returns, lengths = [], []
+        for _ in range(cfg.eval_episodes):
+            ep = run_episode(self.eval_env, lambda o: self.act(o, deterministic=True), max_steps=cfg.max_path_length)
+            returns.append(float(ep.rewards.sum()))
+            lengths.append(len(ep.rewards))
+        metrics = {}
+        if returns:
+            metrics.update({"eval/return_mean": float(np.mean(returns)), "eval/return_std": float(np.std(returns)),
+                            "eval/return_min": float(np.min(returns)), "eval/return_max": float(np.max(returns)),
+                            "eval/length_mean": float(np.mean(lengths))})
+        batch, windows = self.imagine(cfg.error_trajectories,
+                                      window_seed(cfg.seed, _ERROR_WINDOWS, self.env_steps),
+                                      self.generators["errors"], sim_states=True)
+        metrics.update(trajectory_errors(self.eval_env, windows.sim_states[:, 0].numpy(),
+                                         batch.actions.cpu().numpy(), batch.observations.cpu().numpy(),
+                                         batch.rewards.cpu().numpy()))
+        for name, (mean, std) in self.buffer.stats().items():
+            for i, (m, s) in enumerate(zip(np.atleast_1d(mean), np.atleast_1d(std))):
+                metrics[f"dataset/{name}_{i}_mean"] = float(m)
+                metrics[f"dataset/{name}_{i}_std"] = float(s)
+        return metrics
+
+    def evaluate_and_log(self) -> None:
+        t0 = time.perf_counter()
+        self.last_eval = self.evaluate()
+        self.timers["eval"] += time.perf_counter() - t0
+        h = self.cfg.horizon - 1
+        self.logger.log(self.env_steps, self.last_eval, echo=[
+            "eval/return_mean", "eval/return_std", "errors/dynamics_mse_0001_step",
+            f"errors/dynamics_mse_{h:04d}_step", "errors/reward_mse"])
+
+    def log_progress(self, steps_per_s: float) -> None:
+        """agent/, imagine/, diffusion/, dataset/ and perf/ records (every ``log_interval`` env steps)."""
+        record = {}
+        for k, v in self.last_agent.items():
+            record[k if k.startswith("imagine/") else f"agent/{k}"] = v
+        record.update({f"diffusion/{k}": v for k, v in self.last_diffusion.items()})
+        record["diffusion/step"] = self.trainer.step
+        record["agent/updates"] = self.a2c.step
+        record["dataset/transitions"] = self.buffer.num_transitions
+        record["dataset/episodes"] = self.buffer.num_episodes
+        if self.recent_returns:
+            record["expl/return_recent_mean"] = float(np.mean(self.recent_returns))
+        record["perf/env_steps_per_s"] = steps_per_s
+        done = max(self.env_steps, 1) / 1000
+        for phase, seconds in self.timers.items():
+            record[f"perf/{phase}_s_per_1k_env_steps"] = seconds / done
+        self.logger.log(self.env_steps, record, echo=[
+            "expl/return_recent_mean", "agent/loss_actor", "agent/policy_std", "agent/lr_actor",
+            "agent/guidance_scale", "imagine/act_std", "diffusion/loss", "perf/env_steps_per_s"])
+
+    def final_metrics(self) -> dict[str, float]:
+        out = {"env_steps": float(self.env_steps), "diffusion_steps": float(self.trainer.step),
+               "agent_updates": float(self.a2c.step), **self.last_eval}
+        out.update({f"agent/{k}": v for k, v in self.last_agent.items() if not k.startswith("imagine/")})
+        if self.recent_returns:
+            out["expl/return_recent_mean"] = float(np.mean(self.recent_returns))
+        return out
+
+    def _fail(self, where: str, detail: str) -> None:
+        last = list_checkpoints(self.checkpoint_dir)
+        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        raise NonFiniteError(f"non-finite value in {where} at env step {self.env_steps}: {detail}; stopping ({kept})")
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> Path:
+        t0 = time.perf_counter()
+        for name, module in (("actor", self.actor), ("critic", self.critic), ("denoiser", self.trainer.model),
+                             ("EMA denoiser", self.trainer.ema_model)):
+            if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
+                self._fail(f"the {name}'s weights (before checkpointing)", "NaN/inf parameters")
+        path = save_checkpoint(self.checkpoint_dir, self.env_steps, self.state_dict(), self.cfg.keep_checkpoints)
+        self.timers["checkpoint"] += time.perf_counter() - t0
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the loop reads: networks, EMA, optimisers and learned actor LR (trainer / A2C states),
+        guidance scale, normaliser, buffer, every RNG, counters, the envs' exact states, the open episode."""
+        ep = self.episode
+        return {
+            "format": CHECKPOINT_FORMAT, "config": to_dict(self.cfg), "env_steps": self.env_steps,
+            "trainer": self.trainer.state_dict(), "a2c": self.a2c.state_dict(), "guidance": self.tuner.state_dict(),
+            "normalizer": self.normalizer.state_dict(), "buffer": self.buffer.state_dict(),
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                    **{name: g.get_state() for name, g in self.generators.items()}},
+            "expl_env": env_state(self.expl_env), "eval_env": env_state(self.eval_env), "obs": self.obs,
+            "episode": {"obs": list(ep["obs"]), "act": list(ep["act"]), "rew": list(ep["rew"]),
+                        "sim": list(ep["sim"])},
+            "episode_return": self.episode_return, "recent_returns": list(self.recent_returns),
+            "last_agent": self.last_agent, "last_diffusion": self.last_diffusion, "last_eval": self.last_eval,
+            "timers": dict(self.timers),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        self.trainer.load_state_dict(state["trainer"])
+        self.a2c.load_state_dict(state["a2c"])
+        self.tuner.load_state_dict(state["guidance"])
+        self.buffer = TrajectoryBuffer.from_state_dict(state["buffer"])
+        refresh_normalizer(self.normalizer, state["normalizer"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        for name, g in self.generators.items():
+            g.set_state(rng[name])
+        restore_env_state(self.eval_env, state["eval_env"])
+        obs = restore_env_state(self.expl_env, state["expl_env"])
+        if not np.array_equal(obs, state["obs"]):
+            raise ValueError("checkpoint: the restored simulator state does not reproduce the saved observation")
+        self.obs = state["obs"]
+        self.env_steps = int(state["env_steps"])
+        self.episode = {k: list(v) for k, v in state["episode"].items()}
+        self.episode_return = float(state["episode_return"])
+        self.recent_returns = deque(state["recent_returns"], maxlen=self.recent_returns.maxlen)
+        self.last_agent, self.last_diffusion = state["last_agent"], state["last_diffusion"]
+        self.last_eval = state["last_eval"]
+        self.timers = dict(state["timers"])
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+        self.expl_env.close()
+        self.eval_env.close()
+
+
+def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = set(a) | set(b)
+    out = []
+    for k in keys:
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _dict_diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl records logged after env step ``step`` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def run(config: AgentConfig, logdir: str | Path, progress: bool = True, tensorboard: bool = False) -> dict:
+    """Train an agent with ``config`` in ``logdir`` (resuming the run there if it has a checkpoint) and return
+    the final metrics: ``eval/return_mean`` (final evaluation return), the final world-model errors,
+    ``env_steps``, ``wall_seconds`` and the last A2C update's ``agent/*`` metrics."""
+    t0 = time.perf_counter()
+    agent = Agent(config, logdir, progress=progress, tensorboard=tensorboard)
+    try:
+        agent.start()
+        final = agent.train()
+    finally:
+        agent.close()
+    final["wall_seconds"] = time.perf_counter() - t0
+    (Path(logdir) / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
+    return final
+
+
+def parse_args(argv=None) -> tuple[AgentConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m polygrad_fast.agent",
+        description="Online RL in imagination with PolyGRAD. Extra key=value arguments override config fields, "
+                    "e.g. a2c.lr_actor=1e-4 seed=2 (nested with dots).")
+    parser.add_argument("--preset", default="pendulum-cpu", choices=sorted(AGENT_PRESETS))
+    parser.add_argument("--logdir", default=None, help="run directory (default runs/agent/<env>/<preset>_seed<N>); "
+                        "rerunning into it resumes from its last checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    pairs = {}
+    for item in args.overrides:
+        if "=" not in item:
+            parser.error(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        pairs[key] = value
+    try:
+        cfg = apply_overrides(get_agent_preset(args.preset), pairs)
+    except (KeyError, ValueError, TypeError) as exc:
+        parser.error(str(exc))
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"device={cfg.device!r} but no CUDA device is available; use device=cpu")
+    if args.logdir is None:
+        args.logdir = f"runs/agent/{cfg.env}/{args.preset}_seed{cfg.seed}"
+    return cfg, args
+
+
+def main(argv=None) -> None:
+    cfg, args = parse_args(argv)
+    final = run(cfg, args.logdir, progress=not args.no_progress, tensorboard=args.tensorboard)
+    print(f"done: {int(final['env_steps'])} env steps on {cfg.env}; final evaluation return "
+          f"{final.get('eval/return_mean', float('nan')):.1f}; {final['wall_seconds']:.0f} s; "
+          f"run directory {args.logdir}")
+
+
+if __name__ == "__main__":
+    main()
+

@@ -1,0 +1,214 @@
+"""``AgentConfig``: everything the online PolyGRAD agent reads, with the named presets ``AGENT_PRESETS``.
+
+The config nests the components' own configs (denoiser, diffusion trainer, sampler, A2C) and adds the online
+loop's schedule (the paper's Algorithm 1: prefill, env steps, imagined A2C updates, world-model steps, evaluation).
+It is frozen and validated on construction (``dataclasses.replace`` re-validates), and round-trips through
+``config.to_dict`` / ``config.from_dict``; ``config.apply_overrides`` sets dotted keys (``a2c.lr_actor=1e-4``).
+
+Presets:
+- ``hopper``, ``walker``, ``cheetah``: the paper's settings (H=10, MLP 1024x6, T=128, B=1024, actor LR 3e-5 with
+  line search; tau=0.1 on Hopper only) on the v5 tasks, for 1M / 1.5M / 1.5M env steps (GPU-sized);
+- ``pendulum-cpu``: InvertedPendulum-v5 sized for a 2-core CPU (small networks, T=16, larger actor LR);
+- ``hopper-cpu``: Hopper-v5 sized for a 2-core CPU;
+- ``debug``: the whole loop (prefill, imagination, A2C, guidance update, evaluation, checkpoint) in seconds.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .a2c import A2CConfig
+from .backend import ExecutionOptions
+from .denoisers import MLPDenoiserConfig
+from .diffusion_trainer import DiffusionTrainerConfig
+from .sampler import SamplerConfig
+
+# Tasks the agent runs on: the world-model tasks plus InvertedPendulum (a task a 2-core CPU can learn quickly).
+AGENT_ENVS = ("Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Hopper-v4", "Walker2d-v4",
+              "HalfCheetah-v4", "Ant-v4", "InvertedPendulum-v5", "InvertedPendulum-v4")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Actor and critic sizes (the paper's: 256 x 2, LayerNorm + ELU) and the actor's std parameterisation:
+    std = exp(logstd) + min_std, initially init_std (learned_std) or init_std fixed."""
+
+    hidden: int = 256
+    layers: int = 2
+    init_std: float = 1.0
+    min_std: float = 0.1
+    learned_std: bool = True
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The online loop's settings; defaults are the paper's (Hopper's tau excepted: see the presets).
+
+    Schedule (env steps unless said otherwise): ``n_env_steps`` after a random prefill of whole episodes until at
+    least ``n_prefill_steps`` transitions (not counted). Every ``1 / train_agent_ratio`` env steps: one imagined
+    A2C update (once the trainer has done ``pretrain_diffusion`` diffusion steps), then
+    ``train_diffusion_ratio / train_agent_ratio`` diffusion steps. Evaluation every ``eval_interval`` env steps
+    (step 0 included): ``eval_episodes`` mean-action episodes and the error of ``error_trajectories`` imagined
+    trajectories replayed in the simulator. Checkpoints every ``checkpoint_interval`` env steps (None: only at
+    the end), the last ``keep_checkpoints`` kept. ``buffer_capacity`` None: the whole run fits (nothing evicted).
+    """
+
+    env: str = "Hopper-v5"
+    seed: int = 0
+    device: str = "cpu"
+    n_env_steps: int = 1_000_000
+    n_prefill_steps: int = 5000
+    max_path_length: int = 1000
+    buffer_capacity: int | None = None
+    horizon: int = 10
+    n_diffusion_steps: int = 128
+    noise_tau: float = 1.0
+    train_agent_ratio: float = 0.25
+    train_diffusion_ratio: float = 1.0
+    pretrain_diffusion: int = 1000
+    agent_batch_size: int = 1024
+    tune_guidance: bool = True
+    guidance_lr: float = 3e-3
+    eval_interval: int = 10_000
+    eval_episodes: int = 20
+    error_trajectories: int = 50
+    log_interval: int = 200  # env steps between agent/, diffusion/, imagine/, dataset/ and perf/ records
+    checkpoint_interval: int | None = 10_000
+    keep_checkpoints: int = 2
+    torch_threads: int | None = None  # None: torch's default
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    denoiser: MLPDenoiserConfig = field(default_factory=MLPDenoiserConfig)
+    trainer: DiffusionTrainerConfig = field(default_factory=DiffusionTrainerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)  # how the sampler runs (compile, ...)
+    a2c: A2CConfig = field(default_factory=A2CConfig)
+
+    def __post_init__(self):
+        def integer(name: str, minimum: int) -> int:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {v!r}")
+            return v
+
+        def positive(name: str) -> float:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+            return float(v)
+
+        if self.env not in AGENT_ENVS:
+            raise ValueError(f"unknown env name {self.env!r}; supported: {', '.join(AGENT_ENVS)}")
+        if not isinstance(self.device, str) or self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        integer("seed", 0)
+        for name in ("n_env_steps", "max_path_length", "agent_batch_size", "eval_interval", "log_interval",
+                     "keep_checkpoints", "n_diffusion_steps"):
+            integer(name, 1)
+        for name in ("n_prefill_steps", "pretrain_diffusion", "eval_episodes"):
+            integer(name, 0)
+        integer("horizon", 2)  # A2C needs H >= 2 (the last step only bootstraps)
+        integer("error_trajectories", 1)
+        if self.checkpoint_interval is not None:
+            integer("checkpoint_interval", 1)
+        if self.torch_threads is not None:
+            integer("torch_threads", 1)
+        for name in ("noise_tau", "train_agent_ratio", "train_diffusion_ratio", "guidance_lr"):
+            positive(name)
+        if not isinstance(self.tune_guidance, bool):
+            raise ValueError(f"tune_guidance must be a bool, got {self.tune_guidance!r}")
+        # The loop runs in whole periods of env steps: both ratios must give whole numbers.
+        period = 1.0 / self.train_agent_ratio
+        if self.train_agent_ratio > 1 or abs(period - round(period)) > 1e-9:
+            raise ValueError(f"1 / train_agent_ratio must be a whole number of env steps, got train_agent_ratio="
+                             f"{self.train_agent_ratio!r} (1/{period:.4g})")
+        per_period = self.train_diffusion_ratio / self.train_agent_ratio
+        if abs(per_period - round(per_period)) > 1e-9 or round(per_period) < 1:
+            raise ValueError("train_diffusion_ratio / train_agent_ratio must be a whole number >= 1 of diffusion "
+                             f"steps per period, got {self.train_diffusion_ratio!r} / {self.train_agent_ratio!r}")
+        if self.buffer_capacity is not None:
+            integer("buffer_capacity", 1)
+            if self.buffer_capacity < self.min_buffer_capacity:
+                raise ValueError(f"buffer_capacity {self.buffer_capacity} cannot hold the whole run: need >= "
+                                 f"n_env_steps + n_prefill_steps + max_path_length = {self.min_buffer_capacity} "
+                                 "(the paper's runs never evict)")
+        for name, cls in (("policy", PolicyConfig), ("denoiser", MLPDenoiserConfig),
+                          ("trainer", DiffusionTrainerConfig), ("sampler", SamplerConfig),
+                          ("execution", ExecutionOptions), ("a2c", A2CConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(f"{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}")
+        p = self.policy
+        if p.hidden < 1 or p.layers < 1 or not p.min_std >= 0 or not p.init_std > (p.min_std if p.learned_std else 0):
+            raise ValueError(f"policy: need hidden, layers >= 1, min_std >= 0 and init_std > min_std (learned std) "
+                             f"or > 0, got {p}")
+        self.a2c.validate()  # SamplerConfig and ExecutionOptions validate themselves on construction
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def min_buffer_capacity(self) -> int:
+        """Transitions the whole run can store: the prefill overshoots by at most one episode."""
+        return self.n_env_steps + self.n_prefill_steps + self.max_path_length
+
+    @property
+    def capacity(self) -> int:
+        return self.min_buffer_capacity if self.buffer_capacity is None else self.buffer_capacity
+
+    @property
+    def agent_period(self) -> int:
+        """Env steps between imagined A2C updates (4 in the paper)."""
+        return round(1.0 / self.train_agent_ratio)
+
+    @property
+    def diffusion_steps_per_period(self) -> int:
+        """Diffusion steps after each agent period (4 in the paper: one per env step)."""
+        return round(self.train_diffusion_ratio / self.train_agent_ratio)
+
+
+def _paper(env: str, tau: float, steps: int) -> AgentConfig:
+    return AgentConfig(env=env, noise_tau=tau, n_env_steps=steps, checkpoint_interval=50_000)
+
+
+AGENT_PRESETS: dict[str, AgentConfig] = {
+    # The paper's settings; only Hopper uses the schedule exponent tau = 0.1.
+    "hopper": _paper("Hopper-v5", 0.1, 1_000_000),
+    "walker": _paper("Walker2d-v5", 1.0, 1_500_000),
+    "cheetah": _paper("HalfCheetah-v5", 1.0, 1_500_000),
+    # InvertedPendulum on a 2-core CPU. Changes from the paper, each for CPU time: networks 256x3 (denoiser) and
+    # 64x2 (actor/critic), T=16, 256 imagined trajectories per update, 1000 prefill steps, 500 pretraining steps,
+    # EMA from step 500, evaluation every 5000 env steps on 10 episodes; and a 10x larger actor LR cap (3e-4)
+    # with a larger per-update policy change (0.02) because far fewer A2C updates fit in the time.
+    "pendulum-cpu": AgentConfig(
+        env="InvertedPendulum-v5", n_env_steps=30_000, n_prefill_steps=1000, n_diffusion_steps=16,
+        pretrain_diffusion=500, agent_batch_size=256, eval_interval=5000, eval_episodes=10,
+        checkpoint_interval=5000, torch_threads=1,
+        policy=PolicyConfig(hidden=64, layers=2),
+        denoiser=MLPDenoiserConfig(hidden_dim=256, num_layers=3),
+        trainer=DiffusionTrainerConfig(step_start_ema=500),
+        a2c=A2CConfig(lr_actor=3e-4, target_update=0.02),
+    ),
+    # Hopper on a 2-core CPU: the world-model run's CPU sizes (512x4, T=64, tau=0.1) and a 256-trajectory batch.
+    "hopper-cpu": AgentConfig(
+        env="Hopper-v5", noise_tau=0.1, n_env_steps=30_000, n_diffusion_steps=32, agent_batch_size=256,
+        eval_interval=5000, eval_episodes=10, checkpoint_interval=5000, torch_threads=1,
+        denoiser=MLPDenoiserConfig(hidden_dim=512, num_layers=4),
+        trainer=DiffusionTrainerConfig(step_start_ema=500),
+        a2c=A2CConfig(lr_actor=1e-4),
+    ),
+    # Seconds: every phase of the loop runs at least once.
+    "debug": AgentConfig(
+        env="InvertedPendulum-v5", n_env_steps=200, n_prefill_steps=200, max_path_length=100, horizon=4,
+        n_diffusion_steps=4, pretrain_diffusion=40, agent_batch_size=16, eval_interval=100, eval_episodes=2,
+        error_trajectories=4, log_interval=50, checkpoint_interval=100, keep_checkpoints=2, torch_threads=1,
+        policy=PolicyConfig(hidden=16, layers=1),
+        denoiser=MLPDenoiserConfig(hidden_dim=32, num_layers=1),
+        trainer=DiffusionTrainerConfig(batch_size=16, step_start_ema=20),
+        a2c=A2CConfig(lr_actor=1e-3),
+    ),
+}
+
+
+def get_agent_preset(name: str) -> AgentConfig:
+    """The preset called ``name``; unknown names raise ``KeyError`` listing the known ones."""
+    if name not in AGENT_PRESETS:
+        raise KeyError(f"unknown agent preset {name!r}; known presets: {sorted(AGENT_PRESETS)}")
+    return dataclasses.replace(AGENT_PRESETS[name])
