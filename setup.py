@@ -2,8 +2,6 @@
 description of the native build; this file only drives it).
 
 Environment:
-  POLYGRAD_FAST_CUDA=1|0   force / disable the optional CUDA window gather (default: build it only when a CUDA
-                           toolkit AND a CUDA-enabled torch are present in the build environment)
   CMAKE_BUILD_PARALLEL_LEVEL / MAX_JOBS   cap the build's parallelism
 """
 from __future__ import annotations
@@ -34,31 +32,6 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
-def _cuda_decision() -> tuple[bool, str]:
-    """(build the CUDA variant?, reason). Exits with a clear message if POLYGRAD_FAST_CUDA=1 cannot be honoured."""
-    want = os.environ.get("POLYGRAD_FAST_CUDA", "auto").strip().lower()
-    if want in ("0", "off", "false", "no"):
-        return False, "disabled by POLYGRAD_FAST_CUDA=0"
-    problems = []
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    nvcc = shutil.which("nvcc") or (cuda_home and shutil.which("nvcc", path=os.path.join(cuda_home, "bin")))
-    if not nvcc:
-        problems.append("no CUDA toolkit (nvcc not found)")
-    try:
-        import torch  # only to see whether the build environment's torch is CUDA-enabled; not a build dependency
-
-        if torch.version.cuda is None:
-            problems.append(f"torch {torch.__version__} in the build environment is not CUDA-enabled")
-    except Exception as exc:  # build isolation: torch is not installed in the build environment
-        problems.append(f"torch is not importable in the build environment ({type(exc).__name__})")
-    if problems:
-        reason = "; ".join(problems)
-        if want in ("1", "on", "true", "yes"):
-            sys.exit(f"polygrad_fast: POLYGRAD_FAST_CUDA=1 but the CUDA window gather cannot be built: {reason}")
-        return False, reason
-    return True, f"nvcc at {nvcc}, torch CUDA {torch.version.cuda}"
-
-
 class CMakeBuild(build_ext):
     """Configure and build CMakeLists.txt once with Ninja in build_temp; modules land where setuptools expects them
     (copied in-tree for editable installs by setuptools itself)."""
@@ -69,13 +42,6 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(self.extensions[0].name)).resolve().parent
         build_temp = Path(self.build_temp).resolve() / "cmake"
         build_temp.mkdir(parents=True, exist_ok=True)
-        # Decided here, not at import time, so the one line below is printed once, when something is built.
-        use_cuda, why = _cuda_decision()
-        if use_cuda:
-            print(f"polygrad_fast: building the optional CUDA window gather ({why})", file=sys.stderr)
-            self.extensions.append(CMakeExtension("polygrad_fast._buffer_cuda"))
-        else:
-            print(f"polygrad_fast: skipping the optional CUDA window gather: {why}", file=sys.stderr)
         import pybind11
 
         cfg = "Debug" if self.debug else "Release"
@@ -85,7 +51,6 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
             f"-DPOLYGRAD_FAST_VERSION={_version()}",
-            f"-DPOLYGRAD_FAST_CUDA={'ON' if use_cuda else 'OFF'}",
         ]
         if shutil.which("ninja") or _pip_ninja():
             args += ["-G", "Ninja"]

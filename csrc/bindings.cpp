@@ -1,7 +1,7 @@
 // pybind11 bindings of the trajectory buffer core: module polygrad_fast._buffer_native.
 //
 // Arrays cross as numpy arrays (no torch headers: builds in seconds, and torch.from_numpy makes the windows torch
-// tensors without a copy). User input is validated in Python before it gets here (reference/buffer.py); the shape
+// tensors without a copy). User input is validated in Python before it gets here (polygrad_fast/buffer.py); the
 // checks below only protect memory.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -9,6 +9,7 @@
 #include <vector>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <cstring>
 #include <string>
 
@@ -69,11 +70,6 @@ py::dict build_info() {
   d["openmp"] = false;
   d["parallelism"] = "std::thread helper pool";
   d["gather_threads"] = pgf::gather_threads();
-#ifdef PGF_WITH_CUDA
-  d["cuda_variant"] = true;
-#else
-  d["cuda_variant"] = false;
-#endif
   d["pybind11_version"] = std::to_string(PYBIND11_VERSION_MAJOR) + "." + std::to_string(PYBIND11_VERSION_MINOR) +
                           "." + std::to_string(PYBIND11_VERSION_PATCH);
   return d;
@@ -87,7 +83,11 @@ PYBIND11_MODULE(_buffer_native, m) {
   m.def("set_gather_threads", &pgf::set_gather_threads, py::arg("n"),
         "Set the threads used by large window gathers (1 = serial); like torch.set_num_threads.");
   m.def("build_info", &build_info,
-        "How this extension was built: compiler, flags, OpenMP/threads, CUDA variant, version.");
+        "How this extension was built: compiler, flags, threads, version.");
+  m.def("record_bytes", &pgf::record_bytes, py::arg("obs_dim"), py::arg("act_dim"), py::arg("sim_state_dim"),
+        "Bytes of ring storage per transition for these dimensions.");
+  // A ring that cannot be allocated raises MemoryError with the capacity and bytes (not a bare std::bad_alloc).
+  py::register_exception<pgf::AllocationError>(m, "AllocationError", PyExc_MemoryError);
 
   py::class_<TrajectoryBufferCore>(m, "BufferCore")
       .def(py::init<int64_t, int64_t, int64_t, int64_t>(), py::arg("obs_dim"), py::arg("act_dim"),
@@ -133,6 +133,12 @@ PYBIND11_MODULE(_buffer_native, m) {
       .def(
           "sample",
           [](TrajectoryBufferCore& c, int64_t B, int64_t H, uint64_t seed, bool normalize, bool with_sim) {
+            if (B < 1 || H < 1) throw py::value_error("BufferCore.sample: batch and horizon must be >= 1");
+            // The largest output holds B*H*(O+A+S+2) elements of <= 8 bytes: refuse sizes that overflow int64.
+            const int64_t per_window = 8 * (c.obs_dim() + c.act_dim() + c.sim_dim() + 2);
+            if (B > INT64_MAX / H / per_window)
+              throw py::value_error("BufferCore.sample: batch " + std::to_string(B) + " x horizon " +
+                                    std::to_string(H) + " windows overflow int64 bytes");
             const py::ssize_t b = B, h = H, O = c.obs_dim(), A = c.act_dim(), S = c.sim_dim();
             // One preallocated output array per field, filled in a single pass with the GIL released.
             py::array_t<float> obs({b, h, O}), act({b, h, A}), rew({b, h}), term({b, h}), start_obs({b, O});

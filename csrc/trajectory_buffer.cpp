@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <new>
 #if defined(__linux__)
@@ -81,6 +82,7 @@ void set_terminal_moments(double* mean, double* m2, int64_t D, int64_t L, bool t
 // The ring is big (1M Hopper steps = 528 MB) and windows start at random places in it, so with 4 KB pages nearly
 // every window costs TLB misses (expensive page walks under a hypervisor). Ask for transparent huge pages: 2 MB
 // aligned allocation + madvise. Memory is left unzeroed: only written records are ever read.
+// Callers pass bytes <= INT64_MAX (checked_mul), so rounding up to 2 MB cannot wrap.
 double* alloc_ring(size_t bytes) {
   constexpr size_t kHuge = size_t(2) << 20;
   void* p = nullptr;
@@ -93,18 +95,52 @@ double* alloc_ring(size_t bytes) {
   } else {
     p = std::malloc(bytes > 0 ? bytes : 1);
   }
-  if (!p) throw std::bad_alloc();
-  return static_cast<double*>(p);
+  return static_cast<double*>(p);  // nullptr when the allocation failed
+}
+
+int64_t checked_mul(int64_t a, int64_t b, const std::string& what) {
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r)) throw std::length_error("BufferCore: " + what + " overflows int64");
+  return r;
+}
+
+int64_t checked_add(int64_t a, int64_t b, const std::string& what) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r)) throw std::length_error("BufferCore: " + what + " overflows int64");
+  return r;
 }
 
 }  // namespace
 
+int64_t record_bytes(int64_t obs_dim, int64_t act_dim, int64_t sim_dim) {
+  if (obs_dim < 1 || act_dim < 1 || sim_dim < 0)
+    throw std::invalid_argument("BufferCore: expected obs_dim, act_dim >= 1 and sim_state_dim >= 0, got " +
+                                std::to_string(obs_dim) + ", " + std::to_string(act_dim) + ", " +
+                                std::to_string(sim_dim));
+  // floats (obs, act, reward) rounded up to whole doubles, then the sim state's doubles
+  const int64_t floats = checked_add(checked_add(obs_dim, act_dim, "obs_dim + act_dim"), 2, "record size");
+  return checked_mul(checked_add(floats / 2, sim_dim, "record size"), 8, "record size");
+}
+
 TrajectoryBufferCore::TrajectoryBufferCore(int64_t obs_dim, int64_t act_dim, int64_t sim_dim, int64_t capacity)
-    : O_(obs_dim), A_(act_dim), S_(sim_dim), C_(capacity), D_(obs_dim + act_dim + 2) {
-  if (O_ < 1 || A_ < 1 || S_ < 0 || C_ < 1) throw std::invalid_argument("BufferCore: bad dimensions");
+    : O_(obs_dim), A_(act_dim), S_(sim_dim), C_(capacity) {
+  const int64_t rec = record_bytes(O_, A_, S_);  // validates the dimensions, overflow-checked
+  if (C_ < 1) throw std::invalid_argument("BufferCore: expected capacity >= 1, got " + std::to_string(C_));
+  D_ = O_ + A_ + 2;  // no overflow: record_bytes checked it
   sim_off_ = (O_ + A_ + 1 + 1) / 2;  // floats rounded up to whole doubles
   row_ = sim_off_ + S_;
-  ring_.reset(alloc_ring(static_cast<size_t>(C_ * row_) * sizeof(double)));
+  const std::string what = "capacity " + std::to_string(C_) + " transitions of obs " + std::to_string(O_) +
+                           ", act " + std::to_string(A_) + ", sim " + std::to_string(S_);
+  const int64_t bytes = checked_mul(C_, rec, what + " (ring bytes)");
+  // 2 MB of headroom for alloc_ring's rounding up to whole huge pages
+  checked_add(bytes, int64_t(2) << 20, what + " (ring bytes)");
+  ring_.reset(alloc_ring(static_cast<size_t>(bytes)));
+  if (!ring_) {
+    char gb[32];
+    std::snprintf(gb, sizeof(gb), "%.1f", static_cast<double>(bytes) / 1e9);
+    throw AllocationError("BufferCore: " + what + " would need " + gb + " GB (" + std::to_string(bytes) +
+                          " bytes): allocation failed");
+  }
   agg_mean_.assign(D_, 0.0);
   agg_m2_.assign(D_, 0.0);
 }

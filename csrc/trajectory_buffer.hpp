@@ -1,15 +1,17 @@
 // Native core of polygrad_fast's trajectory buffer (plain C++17, no Python or torch headers).
 //
-// The executable specification is polygrad_fast/reference/buffer.py (_NumpyCore): same ring layout, same RNG,
+// The executable specification is polygrad_fast/reference/buffer.py (NumpyBufferCore): same ring layout, same RNG,
 // same episode selection and the same floating-point operations in the same order for the statistics, so both
-// produce bit-identical windows and statistics. Inputs are validated in Python (_TrajectoryBufferBase); the checks
-// here only guard memory safety and throw std::invalid_argument (ValueError in Python).
+// produce bit-identical windows and statistics. Inputs are validated in Python (polygrad_fast/buffer.py); the checks
+// here only guard memory safety and throw std::invalid_argument / std::length_error (ValueError in Python) or
+// AllocationError (MemoryError).
 #pragma once
 
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <vector>
 
 namespace pgf {
@@ -24,6 +26,14 @@ inline uint64_t mix64(uint64_t z) {
 }
 inline uint64_t seed_key(uint64_t seed) { return mix64(seed + kGolden); }
 inline uint64_t draw(uint64_t key, uint64_t i) { return mix64(key + (i + 1) * kGolden); }
+
+// The ring could not be allocated (the message names the capacity and the bytes it needed).
+struct AllocationError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Bytes of one ring record (see the layout below) for these dimensions; throws std::length_error on overflow.
+int64_t record_bytes(int64_t obs_dim, int64_t act_dim, int64_t sim_dim);
 
 // Output pointers of one sample() call (all C-contiguous, preallocated by the caller).
 struct WindowOut {
@@ -68,7 +78,7 @@ class TrajectoryBufferCore {
   int64_t capacity() const { return C_; }
   int64_t stat_dim() const { return D_; }
 
-  // State export/import in logical order (oldest step first); see _NumpyCore.export_state.
+  // State export/import in logical order (oldest step first); see NumpyBufferCore.export_state.
   struct State {
     std::vector<float> obs, act, rew;
     std::vector<double> sim;

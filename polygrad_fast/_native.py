@@ -80,8 +80,8 @@ def warn_fallback_once() -> None:
 def native_build_info() -> dict:
     """How the native extension was built, as reported by the extension itself.
 
-    Keys when available: available=True, version, compiler, cxx_flags, build_type, openmp, openmp_max_threads,
-    cuda_variant (and cuda_loadable), pybind11_version, path. When unavailable: available=False, error.
+    Keys when available: available=True, version, compiler, cxx_flags, build_type, openmp, parallelism,
+    gather_threads, pybind11_version, path. When unavailable: available=False, error.
     """
     mod = native()
     if mod is None:
@@ -89,11 +89,4 @@ def native_build_info() -> dict:
     info = dict(mod.build_info())
     info["available"] = True
     info["path"] = getattr(mod, "__file__", None)
-    if info.get("cuda_variant"):
-        try:
-            importlib.import_module("polygrad_fast._buffer_cuda")
-            info["cuda_loadable"] = True
-        except Exception as exc:
-            info["cuda_loadable"] = False
-            info["cuda_error"] = f"{type(exc).__name__}: {exc}"
     return info
