@@ -1,4 +1,4 @@
-"""Exponential moving average of a model's weights, on the paper's schedule (polygrad-reference.md §10 TR3)."""
+"""Exponential moving average of a model's weights, on the paper's schedule (hard copies early, then averaging)."""
 from __future__ import annotations
 
 import copy
@@ -16,10 +16,11 @@ class ModelEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.99, start_step: int = 2000, update_every: int = 10):
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {decay}")
-        if update_every < 1 or start_step < 0:
-            raise ValueError(f"need update_every >= 1 and start_step >= 0, got {update_every}, {start_step}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        for name, value, low in (("start_step", start_step, 0), ("update_every", update_every, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.decay = decay
         self.start_step = start_step
         self.update_every = update_every

@@ -21,7 +21,7 @@ SMALL = MLPDenoiserConfig(hidden_dim=32, num_layers=2)
 @pytest.fixture(autouse=True)
 def one_thread():
     # Every model here is tiny: a second thread gains nothing, and on a busy 2-core machine torch's 2-thread pool
-    # stalls (toolchain notes §7): the toy-dynamics test took 15.6 s with 2 threads and 2.6 s with 1 under load.
+    # stalls: the toy-dynamics test took 15.6 s with 2 threads and 2.6 s with 1 under load.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -102,37 +102,18 @@ def test_l1_loss_equals_hand_computation():
     torch.testing.assert_close(loss, (pred - x0).abs().mean())
 
 
-def test_predict_epsilon_targets_the_noise():
-    model = small_denoiser()
-    x0, actions, t, noise = data()
-    loss_fn = DiffusionLoss(NoiseSchedule(T), predict_epsilon=True)
-    loss, _ = loss_fn(model, x0, actions, t=t, noise=noise)
-    x_t, act_t = hand_inputs(x0, actions, t, noise)
-    pred = model(x_t, act_t, t)
-    pred[:, 0, :O] = noise[:, 0, :O]
-    torch.testing.assert_close(loss, ((pred - noise) ** 2).mean())
-    # The true noise maps back to x0 (except the imposed first observation, which is x0 already in x_t).
-    t_mid = torch.full((B,), T // 2)
-    x_t, _ = hand_inputs(x0, actions, t_mid, noise)
-    x0_hat = loss_fn.predict_x0(x_t, noise, t_mid)
-    torch.testing.assert_close(x0_hat[:, 1:], x0[:, 1:], rtol=1e-5, atol=1e-5)
-    assert DiffusionLoss(NoiseSchedule(T)).predict_x0(x_t, noise, t_mid) is noise
-
-
 def test_bad_loss_type():
     with pytest.raises(ValueError, match="loss_type must be one of"):
         DiffusionLoss(NoiseSchedule(T), loss_type="huber")
 
 
-@pytest.mark.parametrize("predict_epsilon", [False, True])
 @pytest.mark.parametrize("loss_type", ["l1", "l2"])
-def test_first_observation_contributes_zero_loss(predict_epsilon, loss_type):
+def test_first_observation_contributes_zero_loss(loss_type):
     x0, actions, t, noise = data()
     stub = FixedOutput(torch.randn(B, H, D))
-    loss, _ = DiffusionLoss(NoiseSchedule(T), loss_type, predict_epsilon)(stub, x0, actions, t=t, noise=noise)
+    loss, _ = DiffusionLoss(NoiseSchedule(T), loss_type)(stub, x0, actions, t=t, noise=noise)
     loss.backward()
-    target = noise if predict_epsilon else x0
-    err = (stub.out - target).detach()
+    err = (stub.out - x0).detach()
     err = err.abs() if loss_type == "l1" else err**2
     mask = torch.ones(B, H, D, dtype=torch.bool)
     mask[:, 0, :O] = False

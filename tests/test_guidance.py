@@ -1,4 +1,4 @@
-"""Guidance-scale tuning (§8 A7) and the statistical effect of guidance on the imagined actions."""
+"""Guidance-scale tuning (log-scale SGD on the standardised action std) and the statistical effect of guidance on the imagined actions."""
 import math
 
 import numpy as np
@@ -45,7 +45,7 @@ class AffineDenoiser(nn.Module):
 
 
 def test_tuned_grad_guidance_makes_actions_on_policy_and_none_does_not():
-    """Standardised actions z = (a − μπ(s))/σπ(s) (§8 A7) after tuning the scale: mean ≈ 0, std ≈ 1.
+    """Standardised actions z = (a − μπ(s))/σπ(s) after tuning the scale: mean ≈ 0, std ≈ 1.
 
     The final check uses 512 trajectories × (H−1) = 5 steps × 2 action dims. Counting only the 512 trajectories as
     independent (steps of one trajectory share states), the standard error of the mean of z is ≤ 1/√512 ≈ 0.044

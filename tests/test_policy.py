@@ -1,4 +1,5 @@
-"""Actor / Critic (polygrad-reference.md §9 R1–R3) and the closed-form log-prob gradient used by the fast path."""
+"""Actor / Critic (the paper's actor-critic networks) and the closed-form log-prob gradient used by the fast path."""
+import dataclasses
 import math
 
 import pytest
@@ -16,7 +17,7 @@ def test_actor_architecture_matches_the_paper():
     assert kinds == [nn.Linear, nn.LayerNorm, nn.ELU, nn.Linear, nn.LayerNorm, nn.ELU, nn.Linear]
     assert all(m.eps == LAYER_NORM_EPS == 1e-3 for m in actor.mlp if isinstance(m, nn.LayerNorm))
     assert actor.mlp[0].in_features == 11 and actor.mlp[0].out_features == 256 and actor.mlp[-1].out_features == 3
-    # 70,659 actor parameters + 3 logstd, 70,145 critic parameters (polygrad-reference.md §4a)
+    # 70,659 actor parameters + 3 logstd, 70,145 critic parameters (Linear(11,256), 2 LayerNorms, Linear(256,256), head)
     assert sum(p.numel() for p in actor.mlp.parameters()) == 70_659
     assert actor.logstd.numel() == 3
     assert sum(p.numel() for p in Critic(11).parameters()) == 70_145
@@ -40,7 +41,7 @@ def test_fixed_std_and_config_round_trip():
     actor = Actor(4, 2, hidden=8, layers=1, init_std=0.5, learned_std=False)
     assert not hasattr(actor, "logstd")
     assert torch.equal(actor(torch.zeros(3, 4))[1], torch.full((3, 2), 0.5))
-    again = Actor.from_config(ActorConfig(4, 2, hidden=8, layers=1, init_std=0.5, learned_std=False))
+    again = Actor(**dataclasses.asdict(ActorConfig(4, 2, hidden=8, layers=1, init_std=0.5, learned_std=False)))
     assert again.config == actor.config
     assert len([m for m in again.mlp if isinstance(m, nn.Linear)]) == 2
 
@@ -86,8 +87,35 @@ def test_policy_output_adapters():
         policy_mean_std(torch.zeros(3))
 
 
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(init_std=0.1, min_std=0.1), "init_std > min_std"),
+    (dict(obs_dim=0), "obs_dim must be an int >= 1, got 0"),
+    (dict(act_dim=2.0), "act_dim must be an int >= 1, got 2.0"),
+    (dict(hidden=0), "hidden must be an int >= 1"),
+    (dict(layers=True), "layers must be an int >= 1, got True"),
+    (dict(min_std=-0.1), "min_std must be >= 0"),
+    (dict(min_std=float("nan")), "min_std must be a finite number"),
+    (dict(init_std=float("inf")), "init_std must be a finite number"),
+    (dict(init_std=0.0, learned_std=False), "init_std must be > 0"),
+    (dict(learned_std=1), "learned_std must be a bool"),
+])
+def test_actor_arguments_are_validated(kwargs, pattern):
+    args = dict(obs_dim=3, act_dim=2) | kwargs
+    with pytest.raises(ValueError, match=pattern):
+        Actor(**args)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    (dict(obs_dim=0), "obs_dim must be an int >= 1"), (dict(hidden=-1), "hidden must be an int >= 1"),
+    (dict(layers=0), "layers must be an int >= 1"),
+])
+def test_critic_arguments_are_validated(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        Critic(**(dict(obs_dim=3) | kwargs))
+
+
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="init_std > min_std"):
-        Actor(3, 2, init_std=0.1, min_std=0.1)
+    with pytest.raises(ValueError, match=r"critic expects observations \[..., 3\]"):
+        Critic(3)(torch.zeros(4, 5))
     with pytest.raises(ValueError, match=r"\[..., 3\]"):
         Actor(3, 2)(torch.zeros(4, 5))
