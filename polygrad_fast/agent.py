@@ -430,6 +430,7 @@ class Agent:
         if self.recent_returns:
             record["expl/return_recent_mean"] = float(np.mean(self.recent_returns))
         record["perf/env_steps_per_s"] = steps_per_s
+        record["perf/process_cpu_seconds"] = time.process_time()  # vs wall time: how much the machine was shared
         done = max(self.env_steps, 1) / 1000
         for phase, seconds in self.timers.items():
             record[f"perf/{phase}_s_per_1k_env_steps"] = seconds / done

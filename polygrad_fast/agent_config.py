@@ -173,17 +173,17 @@ AGENT_PRESETS: dict[str, AgentConfig] = {
     "hopper": _paper("Hopper-v5", 0.1, 1_000_000),
     "walker": _paper("Walker2d-v5", 1.0, 1_500_000),
     "cheetah": _paper("HalfCheetah-v5", 1.0, 1_500_000),
-    # InvertedPendulum on a 2-core CPU. Changes from the paper, each for CPU time: networks 256x3 (denoiser) and
-    # 64x2 (actor/critic), T=16, 256 imagined trajectories per update, 1000 prefill steps, 500 pretraining steps,
-    # EMA from step 500, evaluation every 5000 env steps on 10 episodes; and a 10x larger actor LR cap (3e-4)
-    # with a larger per-update policy change (0.02) because far fewer A2C updates fit in the time.
+    # InvertedPendulum on a 2-core CPU. Changes from the paper, each for CPU time: networks 128x2 (denoiser) and
+    # 64x2 (actor/critic), T=16, batches of 128 (imagined trajectories and diffusion windows), 1000 prefill steps,
+    # 500 pretraining steps, EMA from step 500, evaluation every 5000 env steps on 10 episodes; and a 10x larger
+    # actor LR cap (3e-4) with a larger per-update policy change (0.02) because far fewer A2C updates fit.
     "pendulum-cpu": AgentConfig(
-        env="InvertedPendulum-v5", n_env_steps=30_000, n_prefill_steps=1000, n_diffusion_steps=16,
-        pretrain_diffusion=500, agent_batch_size=256, eval_interval=5000, eval_episodes=10,
+        env="InvertedPendulum-v5", n_env_steps=25_000, n_prefill_steps=1000, n_diffusion_steps=16,
+        pretrain_diffusion=500, agent_batch_size=128, eval_interval=5000, eval_episodes=10,
         checkpoint_interval=5000, torch_threads=1,
         policy=PolicyConfig(hidden=64, layers=2),
-        denoiser=MLPDenoiserConfig(hidden_dim=256, num_layers=3),
-        trainer=DiffusionTrainerConfig(step_start_ema=500),
+        denoiser=MLPDenoiserConfig(hidden_dim=128, num_layers=2),
+        trainer=DiffusionTrainerConfig(batch_size=128, step_start_ema=500),
         a2c=A2CConfig(lr_actor=3e-4, target_update=0.02),
     ),
     # Hopper on a 2-core CPU: the world-model run's CPU sizes (512x4, T=64, tau=0.1) and a 256-trajectory batch.
