@@ -311,8 +311,7 @@ class TrajectoryBuffer:
         with the current ``stats()``; sim_states are never normalised. ``sim_states=False`` leaves them out
         (``WindowBatch.sim_states`` is None): they are 88% of a Hopper window's bytes, and diffusion training does not
         read them (1M-step ring, B=256, H=10: see benches/bench_buffer.py).
-        Raises ValueError if the buffer is empty, horizon exceeds the longest stored episode or no valid window
-        exists.
+        Raises ValueError if the buffer is empty or horizon exceeds the longest stored episode.
         """
         batch = _check_int("batch", batch, 1)
         horizon = _check_int("horizon", horizon, 1)
@@ -328,9 +327,7 @@ class TrajectoryBuffer:
             longest = int(self._core.max_episode_length())
             if horizon > longest:
                 raise ValueError(f"horizon {horizon} exceeds the longest stored episode ({longest} steps)")
-            if self._core.num_valid_starts(horizon) == 0:
-                raise ValueError(f"no valid window of horizon {horizon}: no terminated episode and no truncated/open "
-                                 f"episode of length >= {horizon}")
+            # (horizon <= longest: the longest episode has a valid start, terminated or not)
             out = self._core.sample(batch, horizon, seed, normalize, sim_states)
         return WindowBatch(**{k: None if v is None else torch.from_numpy(v) for k, v in zip(_SAMPLE_FIELDS, out)})
 
