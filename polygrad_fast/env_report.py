@@ -1,4 +1,5 @@
-"""Print what this installation of polygrad_fast runs on: ``python -m polygrad_fast.env_report``.
+"""Print what this installation of polygrad_fast runs on: ``polygrad-fast env-report [--json]``
+(also ``python -m polygrad_fast.env_report``).
 
 Versions of Python and the key packages, the native extension's build info, the CPU/GPU features that
 choose the fast paths, and which backend each component will use.
@@ -10,6 +11,7 @@ import json
 import os
 import platform
 import sys
+from dataclasses import dataclass
 
 
 def _version(module: str) -> str:
@@ -60,9 +62,21 @@ def collect() -> dict:
     }
 
 
-def main() -> None:
+@dataclass(frozen=True)
+class EnvReportArgs:
+    """Versions, native build and active backends of this installation of polygrad_fast."""
+
+    json: bool = False
+    """Print the report as JSON."""
+
+
+def cli(argv: list[str] | None = None, prog: str = "polygrad-fast env-report") -> None:
+    """The ``env-report`` command line (``polygrad_fast.cli`` runs it)."""
+    import tyro
+
+    args = tyro.cli(EnvReportArgs, args=argv, prog=prog, use_underscores=True)
     report = collect()
-    if "--json" in sys.argv[1:]:
+    if args.json:
         print(json.dumps(report, indent=2, default=str))
         return
     width = max(len(k) for v in report.values() if isinstance(v, dict) for k in v)
@@ -76,4 +90,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import main
+
+    sys.exit(main(["env-report", *sys.argv[1:]]))

@@ -2,7 +2,7 @@
 
 ``mujoco.mj_getState/mj_setState`` with ``mjSTATE_INTEGRATION`` (time, qpos, qvel, act, warm-start
 accelerations, controls, ...) restores a state bit-exactly; ``set_state(qpos, qvel)`` does not on Hopper
-(5.6e-14 drift after one step, because it misses ``qacc_warmstart``; toolchain-notes.md §4). Imagined
+(5.6e-14 drift after one step, because it misses ``qacc_warmstart``, measured). Imagined
 trajectories are therefore replayed from these full state vectors (float64 [S], S = 58 on Hopper-v5).
 """
 from __future__ import annotations
@@ -20,6 +20,13 @@ SUPPORTED_ENVS = (
     "Hopper-v4", "Walker2d-v4", "HalfCheetah-v4", "Ant-v4",
 )
 _STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION
+
+
+def max_episode_steps(name: str) -> int:
+    """The time limit of the registered task ``name`` (1000 for the supported MuJoCo tasks)."""
+    if name not in SUPPORTED_ENVS:
+        raise ValueError(f"unknown env name {name!r}; supported: {', '.join(SUPPORTED_ENVS)}")
+    return int(gym.spec(name).max_episode_steps)
 
 
 class SimStateEnv:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,14 +14,21 @@ class RunLogger:
     """Writes ``{"step": s, "time": seconds since start, **metrics}`` lines to ``<logdir>/metrics.jsonl``.
 
     Values must be numbers (torch scalars are converted); stdout gets a short line per record.
+    ``resume_step``: continue an interrupted run whose checkpoint is at that step: records of later steps (they
+    will be logged again) are dropped from the file first, ``records`` holds the ones kept, and ``time`` continues
+    from the last kept record's. None (the default) appends to the file as it is.
     """
 
-    def __init__(self, logdir: str | Path, tensorboard: bool = False, stream=None):
+    def __init__(self, logdir: str | Path, tensorboard: bool = False, stream=None, resume_step: int | None = None):
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.logdir / "metrics.jsonl", "a", buffering=1)
+        path = self.logdir / "metrics.jsonl"
+        self.records: list[dict[str, Any]] = []
+        if resume_step is not None:
+            self.records = _truncate(path, resume_step)
+        self._file = open(path, "a", buffering=1)
         self._stream = stream
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() - (self.records[-1]["time"] if self.records else 0.0)
         self._tb = None
         if tensorboard:
             try:
@@ -57,3 +65,25 @@ class RunLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _truncate(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """Keep the records of ``path`` with step <= ``last_step`` (atomic rewrite); returns them.
+
+    A line that does not parse can only be the tail of a write cut short by a kill: it is dropped too.
+    """
+    if not path.exists():
+        return []
+    kept, lines = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= last_step:
+            kept.append(record)
+            lines.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+    return kept

@@ -1,20 +1,23 @@
 """World-model run: collect MuJoCo data, train the trajectory diffusion model, imagine with policy guidance and
 measure the imagined trajectories' error against the real simulator.
 
-    python -m polygrad_fast.train_world_model                       # preset hopper-cpu (minutes on 2 CPU cores)
-    python -m polygrad_fast.train_world_model --preset debug seed=3 trainer.lr=1e-4
+    polygrad-fast train-wm                                  # preset hopper-cpu (minutes on 2 CPU cores)
+    polygrad-fast train-wm --preset debug --seed 3 --trainer.lr 1e-4
+    python -m polygrad_fast.train_world_model ...           # the same command line
 
 The guiding policy is a fixed, randomly initialised actor (the paper's world-model-only runs load a trained
 one; online RL in imagination will train it). Every evaluation also scores a "persistence" predictor (the
 state never changes) on the same windows, so the learned model's error has a yardstick.
-Writes to the run directory: config.json (resolved config), metrics.jsonl, checkpoint.pt, buffer.pgbuf.
+
+Run directory: config.json (the config that ran), metrics.jsonl, buffer.pgbuf (the prefill, written before
+training), checkpoints/step_<N>.pt (every ``checkpoint_interval`` steps and at the end). Rerunning the same
+config into it resumes from the newest checkpoint and continues exactly (same final metrics as an uninterrupted
+run); a different config is refused unless ``--overwrite``.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -23,18 +26,23 @@ import torch
 from tqdm import tqdm
 
 from .buffer import TrajectoryBuffer
-from .config import apply_overrides, save_config, to_dict
+from .checkpoint import CheckpointManager, capture_rng_states, restore_rng_states
+from .cli import parse_run
 from .denoisers import build_denoiser
 from .diffusion_trainer import DiffusionTrainer
-from .envs import SUPPORTED_ENVS, SimStateEnv, random_episodes
+from .envs import SimStateEnv, random_episodes
 from .evaluation import trajectory_errors
 from .guidance import GuidanceScaleTuner
 from .normalizer import Normalizer
 from .policy import Actor
-from .presets import PRESETS, WorldModelRunConfig, get_preset
+from .presets import DEFAULT_PRESET, PRESETS, WorldModelRunConfig
+from .run_dir import prepare_run_dir
 from .run_logging import RunLogger
 from .sampler import FastGuidedSampler
 from .schedule import NoiseSchedule
+
+BUFFER_FILE = "buffer.pgbuf"
+CHECKPOINT_DIR = "checkpoints"
 
 
 def seed_everything(seed: int) -> None:
@@ -58,37 +66,59 @@ def persistence_errors(env: SimStateEnv, start_sim_states: np.ndarray, actions: 
 
 
 class WorldModelRun:
-    """The pieces of a run, built from a ``WorldModelRunConfig``; ``train()`` runs it."""
+    """The pieces of a run in a prepared run directory (``run_dir.prepare_run_dir``); ``train()`` runs it.
+
+    ``resume``: continue from the newest checkpoint in ``logdir`` if there is one (its buffer.pgbuf is loaded
+    instead of collecting again); without a checkpoint the run starts over and earlier records are dropped.
+    """
 
     def __init__(self, cfg: WorldModelRunConfig, logdir: str | Path, progress: bool = True,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, resume: bool = False):
         self.cfg, self.logdir, self.progress = cfg, Path(logdir), progress
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.logdir / "config.json")
-        self.logger = RunLogger(self.logdir, tensorboard=tensorboard)
+        self.checkpoints = CheckpointManager(self.logdir / CHECKPOINT_DIR, cfg.keep_checkpoints)
+        latest = self.checkpoints.latest() if resume else None
+        self.step = latest[0] if latest else 0
+        self.logger = RunLogger(self.logdir, tensorboard=tensorboard,
+                                resume_step=self.step if latest else (-1 if resume else None))
         seed_everything(cfg.seed)
         device = torch.device(cfg.device)
 
         self.env = SimStateEnv(cfg.env, seed=cfg.seed)
         O, A, S = self.env.obs_dim, self.env.act_dim, self.env.sim_state_dim
-        self.buffer = TrajectoryBuffer(O, A, S, cfg.buffer_capacity)
-        t0 = time.perf_counter()
-        for ep in random_episodes(self.env, cfg.prefill_steps, seed=cfg.seed):
-            self.buffer.add_episode(ep.observations, ep.actions, ep.rewards, ep.sim_states,
-                                    terminated=ep.terminated, truncated=ep.truncated)
-        self.logger.log(0, {"dataset/transitions": self.buffer.num_transitions,
-                            "dataset/episodes": self.buffer.num_episodes,
-                            "perf/prefill_seconds": time.perf_counter() - t0})
+        if latest:
+            self.buffer = self._load_buffer()
+        else:
+            self.buffer = TrajectoryBuffer(O, A, S, cfg.buffer_capacity)
+            t0 = time.perf_counter()
+            for ep in random_episodes(self.env, cfg.prefill_steps, seed=cfg.seed):
+                self.buffer.add_episode(ep.observations, ep.actions, ep.rewards, ep.sim_states,
+                                        terminated=ep.terminated, truncated=ep.truncated)
+            self.buffer.save(self.logdir / BUFFER_FILE)  # before any checkpoint: a resume always finds it
+            self.logger.log(0, {"dataset/transitions": self.buffer.num_transitions,
+                                "dataset/episodes": self.buffer.num_episodes,
+                                "perf/prefill_seconds": time.perf_counter() - t0})
         self.normalizer = Normalizer(self.buffer.stats(), device=device)
 
         self.schedule = NoiseSchedule(cfg.n_diffusion_steps, cfg.noise_tau)
         denoiser = build_denoiser(cfg.denoiser, cfg.horizon, O + 2, A).to(device)
-        self.trainer = DiffusionTrainer(denoiser, self.schedule, dataclasses.replace(cfg.trainer, seed=cfg.seed))
+        self.trainer = DiffusionTrainer(denoiser, self.schedule, cfg.trainer)
         self.actor = Actor(O, A).to(device)
-        self.sampler = FastGuidedSampler(self.trainer.ema_model, self.schedule, self.actor, self.normalizer,
-                                         config=cfg.sampler)
         self.tuner = GuidanceScaleTuner(cfg.sampler.guidance_scale, lr=cfg.guidance_tuning_lr, device=device)
         self.generator = torch.Generator(device).manual_seed(cfg.seed)
+        self.last_eval: dict[str, float] = {}
+        if latest:
+            self.load_state_dict(latest[1])
+            record = next((r for r in reversed(self.logger.records) if "errors/reward_mse" in r), {})
+            self.last_eval = {k: v for k, v in record.items() if k not in ("step", "time")}
+        self.sampler = FastGuidedSampler(self.trainer.ema_model, self.schedule, self.actor, self.normalizer,
+                                         config=cfg.sampler, execution=cfg.execution)
+
+    def _load_buffer(self) -> TrajectoryBuffer:
+        path = self.logdir / BUFFER_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{self.logdir} has checkpoints but no {BUFFER_FILE}: the run directory is "
+                                    "incomplete; rerun with --overwrite to start over")
+        return TrajectoryBuffer.load(path)
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Imagine ``eval_batch`` trajectories from real start states and replay their actions in the simulator."""
@@ -112,100 +142,102 @@ class WorldModelRun:
         metrics["perf/sampler_ms_per_diffusion_step"] = 1e3 * imagined.metrics["sampling_time"] / cfg.n_diffusion_steps
         return metrics
 
+    def _log_eval(self, step: int) -> None:
+        self.last_eval = self.evaluate(step)
+        h = self.cfg.horizon - 1
+        self.logger.log(step, self.last_eval, echo=[
+            "errors/dynamics_mse_0001_step", f"errors/dynamics_mse_{h:04d}_step",
+            f"errors/persistence_dynamics_mse_{h:04d}_step", "errors/reward_mse", "imagine/act_std",
+            "imagine/guidance_scale", "perf/sampler_ms_per_diffusion_step"])
+
     def train(self) -> dict[str, float]:
-        """Run ``train_steps`` gradient steps with periodic logging and evaluation; returns the last evaluation."""
+        """Run the remaining of ``train_steps`` gradient steps with periodic logging, evaluation and checkpoints;
+        returns the last evaluation (with ``train_steps=0``: of the untrained model)."""
         cfg = self.cfg
-        last_eval: dict[str, float] = {}
+        if cfg.train_steps == 0 and not self.last_eval:
+            self._log_eval(0)
+            self.save_checkpoint(0)
         t_log, n_since = time.perf_counter(), 0
-        bar = tqdm(range(1, cfg.train_steps + 1), disable=not self.progress, desc="world model", unit="step")
+        bar = tqdm(range(self.step + 1, cfg.train_steps + 1), disable=not self.progress, desc="world model",
+                   unit="step", initial=self.step, total=cfg.train_steps)
         for step in bar:
             batch = self.buffer.sample_windows(cfg.trainer.batch_size, cfg.horizon,
                                                seed=window_seed(cfg.seed, 0, step), normalize=True,
                                                sim_states=False)  # training never reads them
             metrics = self.trainer.train_step(batch)
+            self.step = step
             n_since += 1
             if not np.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"diffusion loss became {metrics['loss']} at step {step}")
-            if step % cfg.log_interval == 0 or step == cfg.train_steps:
+            last = step == cfg.train_steps
+            if step % cfg.log_interval == 0 or last:
                 now = time.perf_counter()
                 record = {f"diffusion/{k}": v for k, v in metrics.items()}
                 record["perf/train_steps_per_s"] = n_since / (now - t_log)
                 t_log, n_since = now, 0
                 self.logger.log(step, record, echo=not self.progress)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if step % cfg.eval_interval == 0 or step == cfg.train_steps:
-                last_eval = self.evaluate(step)
-                h = cfg.horizon - 1
-                self.logger.log(step, last_eval, echo=[
-                    "errors/dynamics_mse_0001_step", f"errors/dynamics_mse_{h:04d}_step",
-                    f"errors/persistence_dynamics_mse_{h:04d}_step", "errors/reward_mse", "imagine/act_std",
-                    "imagine/guidance_scale", "perf/sampler_ms_per_diffusion_step"])
+            if step % cfg.eval_interval == 0 or last:
+                self._log_eval(step)
                 t_log = time.perf_counter()  # evaluation time is not training throughput
-        self.save_checkpoint()
-        return last_eval
+            if step % cfg.checkpoint_interval == 0 or last:
+                self.save_checkpoint(step)
+                t_log = time.perf_counter()
+        return self.last_eval
 
-    def save_checkpoint(self) -> None:
-        """checkpoint.pt (models, optimiser, tuner, normaliser, config) and buffer.pgbuf, both written atomically."""
-        state = {"config": to_dict(self.cfg), "trainer": self.trainer.state_dict(),
-                 "actor": self.actor.state_dict(), "guidance": self.tuner.state_dict(),
-                 "normalizer": self.normalizer.state_dict()}
-        path = self.logdir / "checkpoint.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        self.buffer.save(self.logdir / "buffer.pgbuf")
+    def state_dict(self) -> dict:
+        """Everything an exact continuation needs (the buffer is buffer.pgbuf, fixed after the prefill)."""
+        return {"step": self.step, "trainer": self.trainer.state_dict(), "actor": self.actor.state_dict(),
+                "guidance": self.tuner.state_dict(), "generator": self.generator.get_state(),
+                "rng": capture_rng_states()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.trainer.load_state_dict(state["trainer"])
+        self.actor.load_state_dict(state["actor"])
+        self.tuner.load_state_dict(state["guidance"])
+        self.generator.set_state(state["generator"].cpu())
+        restore_rng_states(state["rng"])
+
+    def save_checkpoint(self, step: int) -> Path:
+        return self.checkpoints.save(step, self.state_dict())
 
     def close(self) -> None:
         self.logger.close()
         self.env.close()
 
 
-def parse_args(argv=None) -> tuple[WorldModelRunConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        prog="python -m polygrad_fast.train_world_model",
-        description="Train a PolyGRAD trajectory-diffusion world model on a MuJoCo task and measure its error "
-                    "against the simulator. Extra arguments key=value override config fields, e.g. "
-                    "trainer.lr=1e-4 sampler.guidance_type=none.")
-    parser.add_argument("--preset", default="hopper-cpu", choices=sorted(PRESETS))
-    parser.add_argument("--logdir", default=None, help="run directory (default runs/<env>/<preset>_seed<seed>_<time>)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar; log lines instead")
-    parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    pairs = {}
-    for item in args.overrides:
-        if "=" not in item:
-            parser.error(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        pairs[key] = value
+def run(cfg: WorldModelRunConfig, logdir: str | Path, overwrite: bool = False, progress: bool = True,
+        tensorboard: bool = False) -> dict[str, float]:
+    """Run (or resume, or refuse: ``run_dir.prepare_run_dir``) the world-model run of ``cfg`` in ``logdir``;
+    returns the last evaluation's metrics."""
+    resumed = prepare_run_dir(logdir, cfg, overwrite=overwrite)
+    wm = WorldModelRun(cfg, logdir, progress=progress, tensorboard=tensorboard, resume=resumed)
+    if resumed:
+        print(f"resuming {logdir} at step {wm.step} of {cfg.train_steps}", file=sys.stderr, flush=True)
     try:
-        cfg = apply_overrides(get_preset(args.preset), pairs)
-    except (KeyError, ValueError) as exc:
-        parser.error(str(exc))
-    if cfg.env not in SUPPORTED_ENVS:  # checked before the run directory is created
-        parser.error(f"unknown env name {cfg.env!r}; supported: {', '.join(SUPPORTED_ENVS)}")
-    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"device={cfg.device!r} but no CUDA device is available; use device=cpu")
-    if args.logdir is None:
-        args.logdir = f"runs/{cfg.env}/{args.preset}_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}"
-    return cfg, args
-
-
-def main(argv=None) -> None:
-    cfg, args = parse_args(argv)
-    run = WorldModelRun(cfg, args.logdir, progress=not args.no_progress, tensorboard=args.tensorboard)
-    try:
-        final = run.train()
+        return wm.train()
     finally:
-        run.close()
+        wm.close()
+
+
+DESCRIPTION = ("Train a PolyGRAD trajectory-diffusion world model on a MuJoCo task and measure its error against "
+               "the simulator (and a persistence yardstick). --preset picks the defaults; every config field "
+               "below can be set. Rerunning into the same --logdir resumes the run from its newest checkpoint.")
+
+
+def cli(argv: list[str] | None = None, prog: str = "polygrad-fast train-wm") -> None:
+    """The ``train-wm`` command line (``polygrad_fast.cli`` runs it)."""
+    preset, cfg, opts = parse_run(argv, prog, DESCRIPTION, WorldModelRunConfig, PRESETS, DEFAULT_PRESET)
+    logdir = opts.logdir or Path(f"runs/{cfg.env}/{preset}_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
+    final = run(cfg, logdir, overwrite=opts.overwrite, progress=opts.progress, tensorboard=opts.tensorboard)
     h = cfg.horizon - 1
     model, still = final[f"errors/dynamics_mse_{h:04d}_step"], final[f"errors/persistence_dynamics_mse_{h:04d}_step"]
     print(f"done: {cfg.train_steps} steps on {cfg.env}; step-{h} dynamics MSE {model:.4g} "
-          f"(persistence baseline {still:.4g}); run directory {args.logdir}")
+          f"(persistence baseline {still:.4g}); run directory {logdir}")
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import main
+
+    sys.exit(main(["train-wm", *sys.argv[1:]]))
