@@ -49,7 +49,7 @@ from .agent_config import AGENT_PRESETS, AgentConfig, get_agent_preset
 from .buffer import TrajectoryBuffer
 from .config import apply_overrides, save_config, to_dict
 from .denoisers import build_denoiser
-from .diffusion_trainer import DiffusionTrainer
+from .diffusion_trainer import DiffusionTrainer, NonFiniteUpdateError
 from .envs import SUPPORTED_ENVS, SimStateEnv, random_episodes, run_episode
 from .evaluation import trajectory_errors
 from .guidance import GuidanceScaleTuner
@@ -107,14 +107,15 @@ def _time_limit(env: SimStateEnv) -> gym.wrappers.TimeLimit | None:
 def env_state(env: SimStateEnv) -> dict[str, Any]:
     """What an exact env resume needs: the exact simulator state, its reset RNG, the time-limit counter."""
     limit = _time_limit(env)
-    return {"sim_state": env.get_sim_state(), "np_random": env.env.unwrapped.np_random.bit_generator.state,
+    return {"sim_state": torch.from_numpy(env.get_sim_state()),
+            "np_random": env.env.unwrapped.np_random.bit_generator.state,
             "first_reset_seed": env._seed, "elapsed_steps": None if limit is None else limit._elapsed_steps}
 
 
 def restore_env_state(env: SimStateEnv, state: dict[str, Any]) -> np.ndarray:
     """Put ``env`` back into ``env_state`` output mid-episode; returns the observation there."""
     env.reset()  # gymnasium's wrappers refuse step() before a reset; its RNG draws are overwritten below
-    obs = env.set_sim_state(state["sim_state"])
+    obs = env.set_sim_state(np.asarray(state["sim_state"], dtype=np.float64))
     env.env.unwrapped.np_random.bit_generator.state = state["np_random"]
     env._seed = state["first_reset_seed"]
     limit = _time_limit(env)
@@ -168,8 +169,25 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict:
-    # Our own run directory's file; it holds numpy arrays and RNG states, hence not weights_only.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's state (tensors, numbers, strings and containers only: no pickled code runs)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _tensors(arrays) -> torch.Tensor:
+    """A list of equally shaped numpy arrays [L x shape] (or an array) as one tensor [L, *shape]."""
+    return torch.from_numpy(np.array(arrays))
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state with its key as a tensor (checkpointable without pickled numpy objects)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["name"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["gauss"]))
 
 
 # ---------------------------------------------------------------------------------------------- the agent
@@ -349,7 +367,10 @@ class Agent:
         batch, _ = self.imagine(cfg.agent_batch_size, window_seed(cfg.seed, _AGENT_WINDOWS, step),
                                 self.generators["imagine"])
         t1 = time.perf_counter()
-        metrics = self.a2c.update(batch)
+        try:
+            metrics = self.a2c.update(batch)
+        except NonFiniteUpdateError as exc:  # the trainer left itself as it was before the update
+            self._fail("the A2C update", str(exc))
         bad = _non_finite(metrics)
         if bad:
             self._fail("the A2C update", f"metrics {bad}")
@@ -374,7 +395,10 @@ class Agent:
             windows = self.buffer.sample_windows(cfg.trainer.batch_size, cfg.horizon,
                                                  seed=window_seed(cfg.seed, _TRAIN_WINDOWS, self.trainer.step),
                                                  normalize=True, sim_states=False)
-            metrics = self.trainer.train_step(windows)
+            try:
+                metrics = self.trainer.train_step(windows)
+            except NonFiniteUpdateError as exc:  # the step was not taken
+                self._fail("the diffusion training step", f"{exc} (diffusion step {self.trainer.step})")
             bad = _non_finite(metrics)
             if bad:
                 self._fail("the diffusion training step", f"metrics {bad} at diffusion step {self.trainer.step}")
@@ -469,13 +493,15 @@ class Agent:
         return {
             "format": CHECKPOINT_FORMAT, "config": to_dict(self.cfg), "env_steps": self.env_steps,
             "trainer": self.trainer.state_dict(), "a2c": self.a2c.state_dict(), "guidance": self.tuner.state_dict(),
-            "normalizer": self.normalizer.state_dict(), "buffer": self.buffer.state_dict(),
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "normalizer": {k: (torch.from_numpy(m), torch.from_numpy(sd)) for k, (m, sd) in
+                           self.normalizer.state_dict().items()},
+            "buffer": {k: torch.from_numpy(np.asarray(v)) for k, v in self.buffer.state_dict().items()},
+            "rng": {"python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                     **{name: g.get_state() for name, g in self.generators.items()}},
-            "expl_env": env_state(self.expl_env), "eval_env": env_state(self.eval_env), "obs": self.obs,
-            "episode": {"obs": list(ep["obs"]), "act": list(ep["act"]), "rew": list(ep["rew"]),
-                        "sim": list(ep["sim"])},
+            "expl_env": env_state(self.expl_env), "eval_env": env_state(self.eval_env),
+            "obs": torch.from_numpy(self.obs), "episode_length": len(ep["rew"]),
+            "episode": {k: _tensors(v) for k, v in ep.items() if v},  # the open episode's steps so far
             "episode_return": self.episode_return, "recent_returns": list(self.recent_returns),
             "last_agent": self.last_agent, "last_diffusion": self.last_diffusion, "last_eval": self.last_eval,
             "timers": dict(self.timers),
@@ -487,11 +513,12 @@ class Agent:
         self.trainer.load_state_dict(state["trainer"])
         self.a2c.load_state_dict(state["a2c"])
         self.tuner.load_state_dict(state["guidance"])
-        self.buffer = TrajectoryBuffer.from_state_dict(state["buffer"])
-        refresh_normalizer(self.normalizer, state["normalizer"])
+        self.buffer = TrajectoryBuffer.from_state_dict({k: v.numpy() for k, v in state["buffer"].items()})
+        refresh_normalizer(self.normalizer, {k: (m.numpy(), sd.numpy()) for k, (m, sd) in state["normalizer"].items()})
         rng = state["rng"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
+        version, internal, gauss_next = rng["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        set_numpy_rng_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -499,11 +526,13 @@ class Agent:
             g.set_state(rng[name])
         restore_env_state(self.eval_env, state["eval_env"])
         obs = restore_env_state(self.expl_env, state["expl_env"])
-        if not np.array_equal(obs, state["obs"]):
+        self.obs = state["obs"].numpy()
+        if not np.array_equal(obs, self.obs):
             raise ValueError("checkpoint: the restored simulator state does not reproduce the saved observation")
-        self.obs = state["obs"]
         self.env_steps = int(state["env_steps"])
-        self.episode = {k: list(v) for k, v in state["episode"].items()}
+        self.episode = {k: [] for k in self.episode}
+        for k, v in state["episode"].items():  # back to per-step numpy rows (rewards: Python floats)
+            self.episode[k] = v.tolist() if k == "rew" else list(v.numpy())
         self.episode_return = float(state["episode_return"])
         self.recent_returns = deque(state["recent_returns"], maxlen=self.recent_returns.maxlen)
         self.last_agent, self.last_diffusion = state["last_agent"], state["last_diffusion"]

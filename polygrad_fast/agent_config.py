@@ -141,7 +141,7 @@ class AgentConfig:
         if p.hidden < 1 or p.layers < 1 or not p.min_std >= 0 or not p.init_std > (p.min_std if p.learned_std else 0):
             raise ValueError(f"policy: need hidden, layers >= 1, min_std >= 0 and init_std > min_std (learned std) "
                              f"or > 0, got {p}")
-        self.a2c.validate()  # SamplerConfig and ExecutionOptions validate themselves on construction
+        # the nested configs validate themselves on construction
 
     # ------------------------------------------------------------------ derived
     @property

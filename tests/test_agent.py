@@ -149,7 +149,7 @@ def test_debug_run_runs_every_phase(debug_run):
     ckpts = list_checkpoints(logdir / "checkpoints")
     assert [p.name for p in ckpts] == ["step_000000100.pt", "step_000000200.pt"]  # keep_checkpoints=2
     state = load_checkpoint(ckpts[-1])
-    open_len = len(state["episode"]["rew"])
+    open_len = state["episode_length"]
     assert sum(lengths) + open_len == 200
     buffered = int(np.asarray(state["buffer"]["episode_lengths"]).sum())
     prefill = next(r["dataset/transitions"] for r in records if r["step"] == 0 and "dataset/transitions" in r)
