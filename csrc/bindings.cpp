@@ -115,7 +115,6 @@ PYBIND11_MODULE(_buffer_native, m) {
       .def("has_open_episode", &TrajectoryBufferCore::has_open_episode)
       .def("open_length", &TrajectoryBufferCore::open_length)
       .def("max_episode_length", &TrajectoryBufferCore::max_episode_length)
-      .def("num_valid_starts", &TrajectoryBufferCore::num_valid_starts)
       .def("nbytes", &TrajectoryBufferCore::nbytes)
       .def("episode_lengths",
            [](const TrajectoryBufferCore& c) {

@@ -376,11 +376,6 @@ const std::vector<int64_t>& TrajectoryBufferCore::prefix(int64_t horizon) {
   return prefix_;
 }
 
-int64_t TrajectoryBufferCore::num_valid_starts(int64_t horizon) {
-  std::lock_guard<std::mutex> lock(mu_);
-  return prefix(horizon).back();
-}
-
 void TrajectoryBufferCore::sample(int64_t B, int64_t H, uint64_t seed, bool normalize, const WindowOut& out) {
   std::lock_guard<std::mutex> lock(mu_);
   if (B < 1 || H < 1) throw std::invalid_argument("BufferCore: batch and horizon must be >= 1");

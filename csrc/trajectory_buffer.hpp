@@ -57,7 +57,6 @@ class TrajectoryBufferCore {
   void add_step(const float* obs, const float* act, float rew, const double* sim);
   void end_episode(bool terminated, bool truncated);
 
-  int64_t num_valid_starts(int64_t horizon);
   // Fills `out` for B windows; thread-safe against concurrent mutation (internal mutex), GIL-free.
   void sample(int64_t batch, int64_t horizon, uint64_t seed, bool normalize, const WindowOut& out);
 

@@ -293,9 +293,6 @@ class NumpyBufferCore:
         self._prefix_cache = (horizon, self.version, prefix)
         return prefix
 
-    def num_valid_starts(self, horizon: int) -> int:
-        return int(self._prefix(horizon)[-1])
-
     def normalizer(self):
         """(mean[D], 1/(std+1e-6)[D]) in float64, the normalisation applied by sample()."""
         n, mean, m2 = self.moments()
