@@ -29,6 +29,10 @@ class GuidanceScaleTuner:
 
     def __init__(self, initial: float = 0.005, lr: float = 3e-3, target_std: float = 1.0, device=None):
         initial = _check("initial guidance scale", initial, positive=True)
+        f32 = torch.finfo(torch.float32)
+        if not f32.tiny <= initial <= f32.max:  # the scale is a float32 tensor
+            raise ValueError(f"initial guidance scale must be in float32's normal range [{f32.tiny:.3g}, "
+                             f"{f32.max:.3g}], got {initial!r}")
         self.lr = _check("lr", lr, positive=False)
         self.target_std = _check("target_std", target_std, positive=True)
         self.log_scale = torch.tensor(math.log(initial), dtype=torch.float32, device=device)
