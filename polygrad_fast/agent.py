@@ -95,6 +95,19 @@ def make_env(name: str, seed: int) -> SimStateEnv:
     return SimStateEnv(name, seed=seed) if name in SUPPORTED_ENVS else _UnlistedSimStateEnv(name, seed=seed)
 
 
+def action_scale(env: SimStateEnv) -> np.ndarray:
+    """Per-dim factor from the agent's action space [-1, 1] (the range of the actor's tanh mean) to the env's.
+
+    The paper's tasks act in [-1, 1] (factor 1: nothing changes); InvertedPendulum's [-3, 3] would otherwise put
+    two thirds of the force range beyond the actor's mean. The buffer, the world model and the actor all work in
+    the agent's space; only env steps and simulator replays are scaled. float32 [A].
+    """
+    low, high = env.action_space.low, env.action_space.high
+    if not (np.all(np.isfinite(high)) and np.array_equal(low, -high) and np.all(high > 0)):
+        raise ValueError(f"{env.name}: expected a bounded action space symmetric about 0, got low={low}, high={high}")
+    return high.astype(np.float32)
+
+
 def _time_limit(env: SimStateEnv) -> gym.wrappers.TimeLimit | None:
     w = env.env
     while isinstance(w, gym.Wrapper):
@@ -208,6 +221,7 @@ class Agent:
         self.expl_env = make_env(cfg.env, seed=cfg.seed)
         self.eval_env = make_env(cfg.env, seed=cfg.seed + 10_000)
         O, A, S = self.expl_env.obs_dim, self.expl_env.act_dim, self.expl_env.sim_state_dim
+        self.action_scale = action_scale(self.expl_env)
         self.buffer = TrajectoryBuffer(O, A, S, cfg.capacity)
 
         schedule = NoiseSchedule(cfg.n_diffusion_steps, cfg.noise_tau)
@@ -266,7 +280,7 @@ class Agent:
         """Step 1: random whole episodes until at least n_prefill_steps transitions; fit the normaliser."""
         t0 = time.perf_counter()
         for ep in random_episodes(self.expl_env, self.cfg.n_prefill_steps, seed=self.cfg.seed):
-            self.buffer.add_episode(ep.observations, ep.actions, ep.rewards, ep.sim_states,
+            self.buffer.add_episode(ep.observations, ep.actions / self.action_scale, ep.rewards, ep.sim_states,
                                     terminated=ep.terminated, truncated=ep.truncated)
         refresh_normalizer(self.normalizer, self.buffer.stats())
         self.obs, _ = self.expl_env.reset()
@@ -316,7 +330,7 @@ class Agent:
         t0 = time.perf_counter()
         cfg, env = self.cfg, self.expl_env
         action = self.act(self.obs, deterministic=False)
-        next_obs, reward, terminated, truncated, info = env.step(action)
+        next_obs, reward, terminated, truncated, info = env.step(action * self.action_scale)
         if not (np.isfinite(next_obs).all() and math.isfinite(reward)):
             self._fail("the exploration env's observation/reward", f"obs={next_obs}, reward={reward}")
         ep = self.episode
@@ -412,7 +426,8 @@ class Agent:
         cfg = self.cfg
         returns, lengths = [], []
         for _ in range(cfg.eval_episodes):
-            ep = run_episode(self.eval_env, lambda o: self.act(o, deterministic=True), max_steps=cfg.max_path_length)
+            ep = run_episode(self.eval_env, lambda o: self.act(o, deterministic=True) * self.action_scale,
+                             max_steps=cfg.max_path_length)
             returns.append(float(ep.rewards.sum()))
             lengths.append(len(ep.rewards))
         metrics = {}
@@ -424,7 +439,8 @@ class Agent:
                                       window_seed(cfg.seed, _ERROR_WINDOWS, self.env_steps),
                                       self.generators["errors"], sim_states=True)
         metrics.update(trajectory_errors(self.eval_env, windows.sim_states[:, 0].numpy(),
-                                         batch.actions.cpu().numpy(), batch.observations.cpu().numpy(),
+                                         batch.actions.cpu().numpy() * self.action_scale,
+                                         batch.observations.cpu().numpy(),
                                          batch.rewards.cpu().numpy()))
         for name, (mean, std) in self.buffer.stats().items():
             for i, (m, s) in enumerate(zip(np.atleast_1d(mean), np.atleast_1d(std))):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from polygrad_fast.agent import (Agent, NonFiniteError, env_state, list_checkpoints, load_checkpoint, make_env,
+from polygrad_fast.agent import (Agent, NonFiniteError, action_scale, env_state, list_checkpoints, load_checkpoint, make_env,
                                  parse_args, refresh_normalizer, restore_env_state, run)
 from polygrad_fast.agent_config import AGENT_PRESETS, AgentConfig, get_agent_preset
 from polygrad_fast.config import apply_overrides, from_dict, to_dict
@@ -119,6 +119,11 @@ def test_env_state_restores_mid_episode_and_the_reset_rng():
     assert len(expected) > len(actions)  # the sequence crossed an episode end, so the reset RNG was exercised
 
 
+def test_action_scale_maps_the_agents_unit_box_to_the_env():
+    assert action_scale(make_env("Hopper-v5", seed=0)).tolist() == [1.0, 1.0, 1.0]  # the paper's tasks: identity
+    assert action_scale(make_env("InvertedPendulum-v5", seed=0)).tolist() == [3.0]
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 @pytest.fixture(scope="module")
 def debug_run(tmp_path_factory):
@@ -154,6 +159,8 @@ def test_debug_run_runs_every_phase(debug_run):
     buffered = int(np.asarray(state["buffer"]["episode_lengths"]).sum())
     prefill = next(r["dataset/transitions"] for r in records if r["step"] == 0 and "dataset/transitions" in r)
     assert buffered == prefill + sum(lengths)  # the open episode is not in the buffer
+    actions, prefill = state["buffer"]["actions"], int(prefill)
+    assert actions.abs().max() > 0.9 and actions[:prefill].abs().max() <= 1.0  # uniform [-3, 3] prefill / 3
     assert json.loads((logdir / "final_metrics.json").read_text())["env_steps"] == 200
 
 
