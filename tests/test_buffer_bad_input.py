@@ -140,22 +140,23 @@ def _make(kind: str, dtype: str, shape: tuple, fill: float):
         return np.full(shape, value).tolist()
     if kind == "tensor":
         return torch.full(shape, fill).to(getattr(torch, dtype)) if dtype != "bool" else torch.ones(shape, dtype=torch.bool)
-    return np.full(shape, fill).astype(dtype)
+    with np.errstate(invalid="ignore"):  # NaN cast to an int/bool dtype: refused for the dtype anyway
+        return np.full(shape, fill).astype(dtype)
 
 
 @st.composite
 def episode_args(draw):
-    L = draw(st.integers(0, 12))
+    L = draw(st.sampled_from([5, 7, 3, 10, 1, 12, 0]))  # typical, full, shortest, too long for capacity 10, empty
     fields = {}
     for name, shape in (("observations", (L, O)), ("actions", (L, A)), ("rewards", (L,)), ("sim_states", (L, S))):
         kind = draw(st.sampled_from(["numpy", "tensor", "list"]))
-        dtype = draw(st.sampled_from(_DTYPES[:4] * 3 + _DTYPES[4:]))  # mostly valid, so later fields get checked
+        dtype = draw(st.sampled_from(_DTYPES[:4] * 8 + _DTYPES[4:]))  # mostly valid, so later fields get checked
         if dtype == "bfloat16" or (kind == "tensor" and dtype == "str"):
             kind = "tensor" if dtype == "bfloat16" else "numpy"
-        if draw(st.integers(0, 4)) == 0:  # a wrong shape
+        if draw(st.sampled_from([False] * 9 + [True])):  # a wrong shape, now and then
             shape = draw(st.sampled_from([shape[:-1], shape + (1,), tuple(d + 1 for d in shape)]))
         fields[name] = (kind, dtype, shape)
-    nan_field = draw(st.sampled_from([None, None, "observations", "actions", "rewards", "sim_states"]))
+    nan_field = draw(st.sampled_from([None] * 6 + ["observations", "actions", "rewards", "sim_states"]))
     return L, fields, nan_field
 
 
@@ -183,7 +184,7 @@ def _oracle(L, fields, nan_field, capacity):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@SETTINGS
+@settings(SETTINGS, max_examples=100)
 @given(args=episode_args(), terminated=st.booleans())
 def test_add_episode_refuses_exactly_the_bad_input(backend, args, terminated):
     L, fields, nan_field = args

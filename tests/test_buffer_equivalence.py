@@ -127,7 +127,7 @@ def test_rng_reference_values():
 
 @needs_native
 def test_large_batch_parallel_path_matches():
-    # Big enough for the OpenMP path (>= 1 MB of output) on the native side.
+    # Big enough for the threaded gather (>= 256 KB of output) on the native side.
     nat, ref = (TrajectoryBuffer(11, 3, 58, 20_000, backend=b) for b in ("native", "numpy"))
     rng = np.random.default_rng(0)
     for i in range(40):
