@@ -186,8 +186,9 @@ class TrajectoryBuffer:
         _check_fits_in_memory(what, C * per_step)
         try:
             self._core = mod.BufferCore(O, A, S, C) if mod is not None else NumpyBufferCore(O, A, S, C)
-        except MemoryError as exc:  # fits in RAM, but not in what is free now
-            raise MemoryError(f"{what} would need {_gb(C * per_step)} ({C * per_step} bytes): {exc}") from None
+        except MemoryError:  # fits in RAM, but not in what is free now (or the address space)
+            raise MemoryError(f"{what} would need {_gb(C * per_step)} ({C * per_step} bytes): allocation "
+                              f"failed") from None
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
