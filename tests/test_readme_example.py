@@ -1,6 +1,13 @@
-"""The README's FastGuidedSampler example runs as written."""
+"""The README's FastGuidedSampler example runs as written; its Running commands parse (and the cheap ones run)."""
 import re
+import shlex
 from pathlib import Path
+
+import pytest
+import torch
+
+from polygrad_fast.cli import main, parse_run
+from polygrad_fast.presets import DEFAULT_PRESET, PRESETS, WorldModelRunConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Drop-in `FastGuidedSampler`"
@@ -22,3 +29,31 @@ def test_readme_sampler_example_runs(capsys):
     assert batch.observations.shape == (256, 10, 11) and batch.actions.shape == (256, 10, 3)
     assert namespace["tuner"].scale.item() != 0.005  # the tuner moved
     assert "torch.Size([256, 10, 11])" in capsys.readouterr().out
+
+
+def running_commands() -> list[list[str]]:
+    """The commands of the README's Running block, without comments."""
+    section = README.read_text().split("## Running\n", 1)[1].split("\n## ", 1)[0]
+    block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
+    return [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
+
+
+def test_readme_running_commands(capsys):
+    commands = running_commands()
+    assert len(commands) >= 4
+    for argv in commands:
+        assert argv[0] == ".venv/bin/polygrad-fast", argv  # works right after the set-up commands
+        name, rest = argv[1], argv[2:]
+        if name == "env-report":
+            assert main([name, *rest]) == 0 and "native_buffer" in capsys.readouterr().out
+        elif "--help" in rest:
+            with pytest.raises(SystemExit) as info:
+                main([name, *rest])
+            assert info.value.code == 0 and "--trainer.lr FLOAT" in capsys.readouterr().out
+        elif "cuda" in rest and not torch.cuda.is_available():
+            with pytest.raises(SystemExit):  # refused, with a message, on a machine without a GPU
+                parse_run(rest, name, "", WorldModelRunConfig, PRESETS, DEFAULT_PRESET)
+            assert "no CUDA device is available" in capsys.readouterr().err
+        else:  # a run: its command line parses into a valid config
+            assert name == "train-wm"
+            parse_run(rest, name, "", WorldModelRunConfig, PRESETS, DEFAULT_PRESET)
