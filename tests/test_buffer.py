@@ -641,3 +641,16 @@ def test_native_sampling_releases_the_gil():
     longest_gap = max(b - a for a, b in zip(during, during[1:]))
     assert longest_gap < 0.5 * call, (f"the ticker stalled {1e3 * longest_gap:.1f} ms of a {1e3 * call:.1f} ms "
                                       "native call: is the GIL held?")
+
+
+def test_reference_core_imports_nothing_of_the_package():
+    # The numpy core is the independent twin the native core is tested against: it must not lean on production
+    # (or native) code. Imports of its source, read with the ast module.
+    import ast
+
+    import polygrad_fast.reference.buffer as ref
+
+    tree = ast.parse(open(ref.__file__).read())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {("." * n.level) + (n.module or "") for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"numpy", "torch", "__future__"}, imported
