@@ -151,7 +151,7 @@ def standardized_stats(mean: torch.Tensor, std: torch.Tensor, actions: torch.Ten
 
 
 class A2CLosses(NamedTuple):
-    """``A2CTrainer.compute_losses`` output: the two losses and what they were built from (all [B,H−1] but the
+    """``A2CTrainer._losses`` output: the two losses and what they were built from (all [B,H−1] but the
     losses). ``log_probs`` carries the actor's graph; ``values`` the critic's."""
 
     loss_actor: torch.Tensor
@@ -225,14 +225,14 @@ class A2CTrainer:
         if obs.dim() != 3 or obs.shape[2] != O:
             raise ValueError(f"batch.observations: expected [B, H, {O}], got {list(obs.shape)}")
         B, H = obs.shape[:2]
+        if B < 1 or H < 2:
+            raise ValueError(f"batch.observations: need B >= 1 trajectories of horizon H >= 2 (the last step only "
+                             f"bootstraps), got B = {B}, H = {H}")
         expected = {"actions": (act, [B, H, A]), "rewards": (rew, [B, H]), "terminals": (term, [B, H])}
         for name, (t, shape) in expected.items():
             if list(t.shape) != shape:
                 raise ValueError(f"batch.{name}: expected {shape} (observations are {list(obs.shape)}), "
                                  f"got {list(t.shape)}")
-        if B < 1 or H < 2:
-            raise ValueError(f"need B >= 1 trajectories of horizon H >= 2 (the last step only bootstraps), "
-                             f"got B = {B}, H = {H}")
         if self.config.normalize_adv and B * (H - 1) < 2:
             raise ValueError(f"normalize_adv needs at least 2 advantages (B·(H−1) >= 2), got B = {B}, H = {H}")
         # one host sync for all value checks
@@ -245,12 +245,8 @@ class A2CTrainer:
         return obs, act, rew, term
 
     # ------------------------------------------------------------------ losses
-    def compute_losses(self, batch: TrajectoryBatch) -> A2CLosses:
-        """Both losses of ``batch`` with the current networks and target critic (no state change)."""
-        obs, act, rew, term = self._check_batch(batch)
-        return self._losses(obs, act, rew, term)
-
     def _losses(self, obs, act, rew, term) -> A2CLosses:
+        """Both losses of a checked batch with the current networks and target critic (no state change)."""
         c = self.config
         with torch.no_grad():
             target_values = self.critic_target(obs)  # [B,H]

@@ -30,13 +30,6 @@ def make_x0(observations: torch.Tensor, rewards: torch.Tensor, terminals: torch.
                       terminals[..., None].to(observations.dtype)], dim=-1)
 
 
-def split_x0(x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x0 [B,H,O+2] -> (obs [B,H,O], rew [B,H], term [B,H]); the inverse of ``make_x0`` (views, no copy)."""
-    if x0.dim() != 3 or x0.shape[-1] < 3:
-        raise ValueError(f"x0: expected [B, H, O+2] with O >= 1, got {list(x0.shape)}")
-    return x0[..., :-2], x0[..., -2], x0[..., -1]
-
-
 class DiffusionLoss(nn.Module):
     """Denoising loss: ``loss, metrics = loss_fn(denoiser, x0, actions)``.
 

@@ -121,11 +121,6 @@ class Critic(nn.Module):
         return self.mlp(obs).squeeze(-1)
 
 
-def normal_log_prob_grad(actions: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """d/da log N(a; mean, std) = (mean - a) / std² (elementwise, any broadcastable shapes)."""
-    return (mean - actions) / std.square()
-
-
 def standardized_action_moments(z: torch.Tensor) -> dict[str, torch.Tensor]:
     """act_mean, act_std of standardised actions z = (a − μπ(s))/σπ(s) [..., A]: per-dim mean / std over all
     leading entries, averaged over A (0-dim tensors; act_std is 0 for a single entry). On-policy actions give 0, 1."""

@@ -167,7 +167,7 @@ def test_trainer_losses_match_the_written_formula_and_its_gradient():
     with torch.no_grad():
         for p in trainer.critic_target.parameters():
             p.add_(0.1)
-    losses = trainer.compute_losses(batch)
+    losses = trainer._losses(*trainer._check_batch(batch))
     trainer.actor.zero_grad()
     losses.loss_actor.backward()
     got = [p.grad.clone() for p in trainer.actor.parameters()]

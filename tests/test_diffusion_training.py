@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
-from polygrad_fast.diffusion import DiffusionLoss, make_x0, split_x0
+from polygrad_fast.diffusion import DiffusionLoss, make_x0
 from polygrad_fast.diffusion_trainer import DiffusionTrainer, DiffusionTrainerConfig, resolve_precision
 from polygrad_fast.ema import ModelEMA
 from polygrad_fast.reference.step_ops import q_sample
@@ -64,15 +64,15 @@ class FixedOutput(nn.Module):
 
 
 def window_batch(x0, actions):
-    obs, rew, term = split_x0(x0)
+    obs, rew, term = x0[..., :O], x0[..., O], x0[..., O + 1]
     return types.SimpleNamespace(observations=obs, actions=actions, rewards=rew, terminals=term)
 
 
-def test_make_x0_and_split_are_inverse():
+def test_make_x0_layout():
     obs, rew, term = torch.randn(2, H, O), torch.randn(2, H), torch.randn(2, H)
     x0 = make_x0(obs, rew, term)
     assert x0.shape == (2, H, O + 2)
-    for a, b in zip(split_x0(x0), (obs, rew, term)):
+    for a, b in zip((x0[..., :O], x0[..., O], x0[..., O + 1]), (obs, rew, term)):  # obs, then reward, then terminal
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"rewards: expected \[2, 4\], got \[2, 4, 1\]"):
         make_x0(obs, rew[..., None], term)

@@ -1,4 +1,4 @@
-"""Actor / Critic (the paper's actor-critic networks) and the closed-form log-prob gradient used by the fast path."""
+"""Actor / Critic (the paper's actor-critic networks), argument validation and the policy-output adapters."""
 import dataclasses
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributions import Independent, Normal
 
-from polygrad_fast.policy import (LAYER_NORM_EPS, Actor, ActorConfig, Critic, normal_log_prob_grad,
+from polygrad_fast.policy import (LAYER_NORM_EPS, Actor, ActorConfig, Critic,
                                   policy_distribution, policy_mean_std)
 
 
@@ -59,18 +59,6 @@ def test_distribution_is_an_unsquashed_independent_normal():
     a = torch.randn(4000, 2)
     expected = (-0.5 * ((a - mean) / std) ** 2 - std.log() - 0.5 * math.log(2 * math.pi)).sum(-1)
     torch.testing.assert_close(dist.log_prob(a), expected)
-
-
-def test_closed_form_log_prob_grad_equals_autograd():
-    torch.manual_seed(0)
-    actor = Actor(6, 3, hidden=32, init_std=0.7)
-    with torch.no_grad():
-        actor.logstd.copy_(torch.tensor([-1.0, 0.0, 0.5]))
-    obs = torch.randn(9, 5, 6)
-    a = (torch.randn(9, 5, 3) * 2).requires_grad_(True)
-    actor.distribution(obs).log_prob(a).sum().backward()
-    mean, std = actor(obs)
-    torch.testing.assert_close(normal_log_prob_grad(a.detach(), mean.detach(), std.detach()), a.grad)
 
 
 def test_critic_shape():
