@@ -34,12 +34,11 @@ class RunOptions:
     """Where and how a run writes; not part of its config (config.json)."""
 
     logdir: Path | None = None
-    """Run directory (default: runs/<env>/<preset>_seed<seed>_<time>). Rerunning the same config into it
-    resumes from its newest checkpoint; a different config is refused."""
+    """Run directory (default runs/<env>/<preset>_seed<seed>_<time>); the same config resumes the run in it."""
     overwrite: bool = False
     """Delete the run already in --logdir (each file named) and start a new one."""
     progress: bool = True
-    """Progress bar (--no-progress: log lines on stdout instead)."""
+    """Progress bar (--no_progress: log lines on stdout instead)."""
     tensorboard: bool = False
     """Also write TensorBoard event files (needs the tensorboard extra)."""
 

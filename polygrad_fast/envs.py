@@ -8,6 +8,7 @@ trajectories are therefore replayed from these full state vectors (float64 [S], 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import gymnasium as gym
 import mujoco
@@ -15,10 +16,9 @@ import numpy as np
 
 # Tasks of the paper (run on the modern v5 MuJoCo bindings; the paper used mujoco-py v3 envs, whose numbers
 # are not strictly comparable) plus v4 for users who need it.
-SUPPORTED_ENVS = (
-    "Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5",
-    "Hopper-v4", "Walker2d-v4", "HalfCheetah-v4", "Ant-v4",
-)
+EnvName = Literal["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5",
+                  "Hopper-v4", "Walker2d-v4", "HalfCheetah-v4", "Ant-v4"]
+SUPPORTED_ENVS: tuple[str, ...] = get_args(EnvName)
 _STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION
 
 

@@ -16,10 +16,12 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from .backend import ExecutionOptions, check_fields, select_backend
 from .denoisers import MLPDenoiserConfig
 from .diffusion_trainer import DiffusionTrainerConfig, resolve_precision
-from .envs import SUPPORTED_ENVS, max_episode_steps
+from .envs import EnvName, max_episode_steps
 from .sampler import SamplerConfig
 
 MAX_SEED = 2**30 - 1  # buffer window seeds are (seed * 4 + purpose) * 2**32 + step: they must fit in 64 bits
@@ -33,15 +35,14 @@ class WorldModelRunConfig:
     directory is created or any data is collected.
     """
 
-    env: str = "Hopper-v5"
-    """MuJoCo task (gymnasium id), one of polygrad_fast.envs.SUPPORTED_ENVS."""
+    env: EnvName = "Hopper-v5"
+    """MuJoCo task (gymnasium id)."""
     seed: int = 0
-    """Seeds data collection, network initialisation, window sampling and imagination; the diffusion trainer's
-    noise stream has its own seed, trainer.seed."""
+    """Seeds data, network init, window sampling and imagination (trainer.seed: the diffusion noise)."""
     device: str = "cpu"
     """'cpu', 'cuda' or 'cuda:N' (must be available)."""
     prefill_steps: int = 5000
-    """Random-action transitions collected (whole episodes, so up to one episode more) before training."""
+    """Random-action transitions collected before training (whole episodes: up to one episode more)."""
     buffer_capacity: int = 1_000_000
     """Trajectory-buffer capacity in transitions; must hold the prefill plus one episode."""
     horizon: int = 10
@@ -59,7 +60,7 @@ class WorldModelRunConfig:
     eval_batch: int = 64
     """Imagined trajectories replayed in the simulator per evaluation."""
     checkpoint_interval: int = 1000
-    """Write a checkpoint every this many steps (and at the last); a rerun resumes from the newest."""
+    """Checkpoint every this many steps (and at the last); a rerun resumes from the newest."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints are kept."""
     guidance_tuning_lr: float = 3e-3
@@ -71,14 +72,12 @@ class WorldModelRunConfig:
 
     def __post_init__(self) -> None:
         name = type(self).__name__
-        check_fields(self)  # Literal / bool / float kinds
+        check_fields(self)  # Literal (env) / bool / float kinds
         sections = {"denoiser": MLPDenoiserConfig, "trainer": DiffusionTrainerConfig, "sampler": SamplerConfig,
                     "execution": ExecutionOptions}
         for key, cls in sections.items():
             if not isinstance(getattr(self, key), cls):
                 raise TypeError(f"{name}.{key} must be a {cls.__name__}, got {type(getattr(self, key)).__name__}")
-        if not isinstance(self.env, str) or self.env not in SUPPORTED_ENVS:
-            raise ValueError(f"{name}.env: unknown env name {self.env!r}; supported: {', '.join(SUPPORTED_ENVS)}")
         check_device(self.device, f"{name}.device")
         check_number(f"{name}.seed", self.seed, 0, MAX_SEED, integer=True)
         check_number(f"{name}.horizon", self.horizon, 2, integer=True,
@@ -98,8 +97,6 @@ class WorldModelRunConfig:
             raise ValueError(f"{name}.sampler.guidance_scale must be > 0 (the run's tuner adapts its logarithm), "
                              f"got {self.sampler.guidance_scale!r}")
         # Checks that need the device: a request that cannot run on it fails now, not after the prefill.
-        import torch
-
         try:
             resolve_precision(self.trainer.mixed_precision, torch.device(self.device))
             select_backend(self.device, self.execution.backend)
@@ -127,8 +124,6 @@ def check_device(device, where: str) -> None:
         raise ValueError(f"{where} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "cpu":
         return
-    import torch
-
     if not torch.cuda.is_available():
         raise ValueError(f"{where} is {device!r} but no CUDA device is available here; use 'cpu'")
     index = int(match.group(1) or 0)

@@ -78,6 +78,7 @@ class WorldModelRun:
         self.checkpoints = CheckpointManager(self.logdir / CHECKPOINT_DIR, cfg.keep_checkpoints)
         latest = self.checkpoints.latest() if resume else None
         self.step = latest[0] if latest else 0
+        self.resumed = latest is not None
         self.logger = RunLogger(self.logdir, tensorboard=tensorboard,
                                 resume_step=self.step if latest else (-1 if resume else None))
         seed_everything(cfg.seed)
@@ -213,8 +214,10 @@ def run(cfg: WorldModelRunConfig, logdir: str | Path, overwrite: bool = False, p
     returns the last evaluation's metrics."""
     resumed = prepare_run_dir(logdir, cfg, overwrite=overwrite)
     wm = WorldModelRun(cfg, logdir, progress=progress, tensorboard=tensorboard, resume=resumed)
-    if resumed:
-        print(f"resuming {logdir} at step {wm.step} of {cfg.train_steps}", file=sys.stderr, flush=True)
+    if wm.resumed:
+        print(f"resuming the run in {logdir} at step {wm.step} of {cfg.train_steps}", file=sys.stderr, flush=True)
+    elif resumed:
+        print(f"{logdir} holds this config but no checkpoint: starting the run over", file=sys.stderr, flush=True)
     try:
         return wm.train()
     finally:

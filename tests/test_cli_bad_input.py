@@ -29,7 +29,8 @@ CASES = [
     (["--eval_batch", "0"], "eval_batch must be an int >= 1, got 0"),
     (["--seed", "-1"], "seed must be an int >= 0 and <= 1073741823, got -1"),
     (["--noise_tau", "nan"], "noise_tau must be a finite number, got nan"),
-    (["--env", "Hopper-v9"], "unknown env name 'Hopper-v9'; supported: Hopper-v5"),
+    (["--env", "Hopper-v9"], "invalid choice 'Hopper-v9' for argument '--env'. Expected one of ('Hopper-v5', "
+                             "'Walker2d-v5', 'HalfCheetah-v5', 'Ant-v5', 'Hopper-v4'"),
     (["--preset", "hoper"], "unknown preset 'hoper'; known presets: cheetah, debug, hopper, hopper-cpu, walker"),
     (["--trainer.lrr", "1"], "Unrecognized options: --trainer.lrr"),
     (["seed=3"], "Unrecognized options: seed=3"),  # the old key=value syntax
