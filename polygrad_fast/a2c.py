@@ -21,7 +21,7 @@ from torch.distributions import Independent, Normal
 
 from .diffusion_trainer import (NonFiniteUpdateError, batch_magnitude_hint, check_number, cloned, config_differences,
                                 module_state_problems, nonfinite_tensors, optimizer_state_problems,
-                                raise_if_problems)
+                                raise_if_problems, step_problems)
 from .policy import Actor, Critic, policy_distribution, standardized_action_moments
 
 ADV_EPS = 1e-8  # added to the advantage std when normalising (as the paper)
@@ -484,6 +484,7 @@ class A2CTrainer:
             problems += module_state_problems(name, module, state[name])
         for name in ("optimizer_actor", "optimizer_critic", "optimizer_actor_lr"):
             problems += optimizer_state_problems(name, getattr(self, name), state[name])
+        problems += step_problems(state["step"])
         log_lr = state["log_actor_lr"]
         if not (isinstance(log_lr, torch.Tensor) and log_lr.dim() == 0):
             problems.append(f"log_actor_lr: expected a 0-dim tensor, got {log_lr!r}")

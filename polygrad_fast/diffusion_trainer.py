@@ -117,6 +117,11 @@ def nonfinite_tensors(name: str, state: dict[str, torch.Tensor]) -> list[str]:
     return [f"{name}.{k} contains NaN or inf" for k, good in zip(keys, ok) if not good]
 
 
+def step_problems(step) -> list[str]:
+    ok = isinstance(step, int) and not isinstance(step, bool) and step >= 0
+    return [] if ok else [f"step must be an int >= 0, got {step!r}"]
+
+
 def raise_if_problems(what: str, problems: list[str]) -> None:
     if problems:
         raise ValueError(f"cannot load this {what} state dict (nothing was loaded): " + "; ".join(problems))
@@ -259,17 +264,18 @@ class DiffusionTrainer:
                 raise ValueError(f"batch.{name} is on the meta device (no data)")
             tensors.append(t)
         obs, act, rew, term = tensors
-        H = getattr(self.model, "horizon", None)
-        O = getattr(self.model, "transition_dim", 0) - 2 if hasattr(self.model, "transition_dim") else None
-        A = getattr(self.model, "action_dim", None)
-        want = [d if d is not None else "?" for d in (H, O)]
-        if obs.dim() != 3 or (H is not None and obs.shape[1] != H) or (O is not None and obs.shape[2] != O):
-            raise ValueError(f"batch.observations: expected [B, {want[0]}, {want[1]}], got {list(obs.shape)}")
+        # A Denoiser declares its sizes; any other module is checked for consistency between the fields only.
+        D = getattr(self.model, "transition_dim", None)
+        sizes = {"H": getattr(self.model, "horizon", None), "O": None if D is None else D - 2,
+                 "A": getattr(self.model, "action_dim", None)}
+        if obs.dim() != 3 or any(sizes[k] not in (None, n) for k, n in zip("HO", obs.shape[1:])):
+            raise ValueError(f"batch.observations: expected [B, {sizes['H'] or 'H'}, {sizes['O'] or 'O'}], "
+                             f"got {list(obs.shape)}")
         B, H = obs.shape[:2]
         if B < 1:
             raise ValueError("batch.observations: the batch is empty (B = 0)")
-        expected = {"actions": (act, [B, H, A if A is not None else act.shape[-1]]), "rewards": (rew, [B, H]),
-                    "terminals": (term, [B, H])}
+        A = sizes["A"] if sizes["A"] is not None else (act.shape[-1] if act.dim() else 0)
+        expected = {"actions": (act, [B, H, A]), "rewards": (rew, [B, H]), "terminals": (term, [B, H])}
         for name, (t, shape) in expected.items():
             if list(t.shape) != shape:
                 raise ValueError(f"batch.{name}: expected {shape} (observations are {list(obs.shape)}), "
@@ -343,6 +349,11 @@ class DiffusionTrainer:
         problems += module_state_problems("model", self.model, state["model"])
         problems += module_state_problems("ema", self.ema.model, state["ema"])
         problems += optimizer_state_problems("optimizer", self.optimizer, state["optimizer"])
+        problems += step_problems(state["step"])
+        try:  # on a scratch generator: a bad state must not fail half-way through the load below
+            torch.Generator(self.device).set_state(state["generator"].cpu())
+        except (AttributeError, TypeError, RuntimeError) as exc:
+            problems.append(f"generator: not a generator state of {self.device} ({exc})")
         if not problems:
             problems += nonfinite_tensors("model", state["model"]) + nonfinite_tensors("ema", state["ema"])
         raise_if_problems("diffusion trainer", problems)

@@ -222,6 +222,7 @@ def test_state_dict_from_other_network_sizes_is_refused(warm_state):
     (lambda s: s.__setitem__("log_actor_lr", torch.tensor(math.nan)), "log_actor_lr contains NaN or inf"),
     (lambda s: s.pop("optimizer_critic"), "missing key 'optimizer_critic'"),
     (lambda s: s["config"].pop("gamma"), "config gamma missing in the state dict"),
+    (lambda s: s.__setitem__("step", "3"), "step must be an int >= 0, got '3'"),
     (lambda s: s["config"].__setitem__("colour", "red"), "colour 'red' is not a field of A2CConfig"),
     (lambda s: s["optimizer_actor"]["state"][0].__setitem__("exp_avg", torch.zeros(5)),  # parameter 0: logstd [2]
      "optimizer_actor: state exp_avg of parameter 0 has shape"),

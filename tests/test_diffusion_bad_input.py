@@ -180,6 +180,8 @@ def test_saved_predict_epsilon_true_is_refused_and_false_is_ignored(warm_state):
     (lambda s: s["model"].pop("trunk.norm.weight"), r"model: missing trunk.norm.weight \[32\]"),
     (lambda s: s["config"].__setitem__("colour", 1), r"unknown DiffusionTrainerConfig fields \['colour'\]"),
     (lambda s: s["config"].__setitem__("lr", -1.0), "lr must be > 0"),
+    (lambda s: s.__setitem__("step", -3), "step must be an int >= 0, got -3"),
+    (lambda s: s.__setitem__("generator", torch.zeros(3)), "generator: not a generator state"),
 ])
 def test_corrupt_state_dicts_are_refused_and_nothing_is_loaded(warm_state, corrupt, pattern):
     t = warm_trainer(warm_state)
