@@ -7,6 +7,8 @@ import torch
 
 from polygrad_fast.cli import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BOX = re.compile(r"[│╭╮╰╯─]+")
 
 

@@ -9,6 +9,8 @@ import torch
 from polygrad_fast.cli import main, parse_run
 from polygrad_fast.presets import DEFAULT_PRESET, PRESETS, WorldModelRunConfig
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 SECTION = "## Drop-in `FastGuidedSampler`"
 

@@ -19,6 +19,8 @@ from polygrad_fast.diffusion_trainer import DiffusionTrainer
 from polygrad_fast.presets import PRESETS, WorldModelRunConfig, get_preset
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 def records(logdir):
     return [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -135,7 +137,7 @@ KILLER = textwrap.dedent("""
 def test_sigkilled_run_resumes_to_the_same_final_metrics(tmp_path):
     """Debug preset, 60 steps, checkpoints every 20: SIGKILL during the second checkpoint, then a rerun."""
     args = ["train-wm", "--preset", "debug", "--no-progress", "--train_steps", "60", "--seed", "2"]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see conftest.one_torch_thread
     killed = subprocess.run([sys.executable, "-c", KILLER, *args, "--logdir", str(tmp_path / "b")], env=env,
                             capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
