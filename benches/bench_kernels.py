@@ -41,28 +41,27 @@ def _step_inputs(batch, horizon):
                 seed=torch.tensor(1, device=dev))
 
 
-@pytest.mark.parametrize("impl", ["fused", "reference"])
+@pytest.mark.parametrize("impl", ["fused", "torch"])
 @pytest.mark.parametrize("batch", [256, 1024])
 def test_step_update(benchmark, batch, impl):
-    """Kernels A + B of one reverse step (t = 5: the clamp is on) vs the reference twins' elementwise sequence."""
-    from polygrad_fast import kernels
-    from polygrad_fast.reference import step_ops
+    """Kernels A + B of one reverse step (t = 5: the clamp is on) vs the torch row-level ops they fuse."""
+    from polygrad_fast import kernels, step_ops
 
     v = _step_inputs(batch, 10)
+    coef = v["table"][5]
     if impl == "fused":
-        state, action = kernels.guided_state_update, kernels.guided_action_update
-        noise = dict(state=None, action=None, seed=v["seed"])
+        state, action = kernels.state_update_at, kernels.action_update_at
+        noise, seeded = dict(state=None, action=None), dict(seed=v["seed"], step=5)
     else:
-        state, action = step_ops.guided_state_update, step_ops.guided_action_update
-        noise = dict(state=v["state_noise"], action=v["act_noise"], seed=None)
-    seeded = {} if noise["seed"] is None else {"seed": noise["seed"]}
+        state, action = step_ops.state_update_at, step_ops.action_update_at
+        noise, seeded = dict(state=v["state_noise"], action=v["act_noise"]), {}
 
     def steps():
         for _ in range(STEPS_PER_ROUND):
-            _, _, guide = state(v["x"], v["x0"], v["start"], 5, v["table"], v["obs_mean"], v["obs_scale"], 0.25,
+            _, _, guide = state(v["x"], v["x0"], v["start"], coef, v["obs_mean"], v["obs_scale"], 0.25,
                                 noise["state"], "recon", **seeded)
-            action(v["act"], v["pmean"], v["pstd"], v["act_mean"], v["act_scale"], 5, v["table"], v["w"], 3.0,
-                   noise["action"], 1.0, "grad", **seeded)
+            action(v["act"], v["pmean"], v["pstd"], v["act_mean"], v["act_scale"], coef, v["w"], 3.0,
+                   noise["action"], 1.0, "grad", False, **seeded)
         torch.cuda.synchronize()
 
     benchmark.group = f"step-update B={batch} H=10 x{STEPS_PER_ROUND}"
@@ -104,14 +103,16 @@ def _denoiser_gemm_fraction(sampler, start):
     eagerly (a graph replay hides its kernels from the profiler)."""
     from polygrad_fast.gpu_sampling import GuidedLoop
 
-    loop = GuidedLoop(sampler, start.shape[0], sampler.denoiser.horizon)
+    step = sampler.guided_step
+    loop = GuidedLoop(step, sampler.step_table, start.shape[0], sampler.denoiser.horizon)
     loop.start.copy_(start)
     x = torch.randn(loop.batch, loop.horizon, O + 2, device="cuda")
     a = torch.randn(loop.batch, loop.horizon, A, device="cuda")
+    inputs = step.step_inputs(sampler.schedule.n_steps, loop.batch, x.device)
 
     def denoise_all():
         for t in range(sampler.schedule.n_steps):
-            sampler._denoiser_fast(x, a, loop._steps[t])
+            step.denoise(x, a, inputs[t])
 
     return _kernel_time(denoise_all, GEMM_KERNEL) / _kernel_time(loop.run)
 

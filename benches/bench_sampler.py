@@ -21,8 +21,8 @@ import torch
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser, low_precision_copy
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor, policy_distribution
-from polygrad_fast.reference.guided_sampling import SamplerNoise
-from polygrad_fast.reference.step_ops import action_update_at, state_update_at
+from polygrad_fast.noise import SamplerNoise
+from polygrad_fast.step_ops import SIGMA, action_update_at, state_update_at
 from polygrad_fast.sampler import FastGuidedSampler
 from polygrad_fast.schedule import NoiseSchedule
 
@@ -149,7 +149,7 @@ def test_step_guidance(benchmark, hopper, batch, variant):
         raw = torch.clamp(raw, dist.mean - 3.0 * dist.stddev, dist.mean + 3.0 * dist.stddev).requires_grad_(True)
         dist.log_prob(raw).sum().backward()
         raw = (raw + g * raw.grad).detach()
-        return normalizer.normalize(raw, "actions") + coef[3] * a_noise
+        return normalizer.normalize(raw, "actions") + coef[SIGMA] * a_noise
 
     def fast(policy_fn, action_fn):
         def run():

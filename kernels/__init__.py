@@ -1,6 +1,7 @@
 """Fused Triton kernels of the guided reverse step and of training-time noising, one op per module.
 
-Each public function has the signature of its twin in ``polygrad_fast.reference.step_ops`` plus optional in-kernel
+The row-level ops and ``q_sample`` have the signatures of their torch versions in ``polygrad_fast.step_ops``, the
+step-t ops those of their paper-style twins in ``polygrad_fast.reference.step_ops``, each plus optional in-kernel
 Philox noise (``seed``; the row-level ops also take the ``step`` index for the noise counter). Importing this
 package decorates the kernels: to run them under the Triton interpreter (no GPU), set ``TRITON_INTERPRET=1``
 before the first import.

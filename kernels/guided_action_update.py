@@ -1,7 +1,8 @@
 """Kernel B: the action half of one guided reverse step in one pass.
 
-Twins: ``reference.step_ops.guided_action_update`` (step t) and ``action_update_at`` (t resolved by the caller into
-the coefficient row and ``last``). Tile: [BLOCK_R rows of B*H, BLOCK_A >= A columns]; math in fp32. Closed-form
+Fuses ``polygrad_fast.step_ops.action_update_at`` (t resolved by the caller into the coefficient row and
+``last``); ``guided_action_update`` takes t itself, with the signature of its paper-style twin
+``reference.step_ops.guided_action_update``. Tile: [BLOCK_R rows of B*H, BLOCK_A >= A columns]; math in fp32. Closed-form
 guidance for the Normal policy: d/da log N(a; mean, std) = (mean - a) / std^2, no autograd.
 """
 from __future__ import annotations
@@ -10,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.step_ops import GUIDANCE_TYPES
-from ._common import (ACTION_STREAM, check_noise_source, check_same_device, check_step, device_scalar, row_block,
-                      rows_per_program, standard_normal)
+from ..step_ops import GUIDANCE_TYPES
+from ._common import (ACTION_STREAM, SIGMA_COL, check_noise_source, check_same_device, check_step, device_scalar,
+                      row_block, rows_per_program, standard_normal)
 
 _GRAD, _NONE = (tl.constexpr(GUIDANCE_TYPES.index(g)) for g in ("grad", "none"))
 
@@ -45,7 +46,7 @@ def _guided_action_update_kernel(
             z = tl.load(noise_ptr + idx, mask=mask & guide_on).to(tl.float32)
         if GUIDANCE == _GRAD:
             w = tl.load(w_ptr).to(tl.float32)
-            sigma = tl.load(coef_ptr + 3).to(tl.float32)
+            sigma = tl.load(coef_ptr + SIGMA_COL).to(tl.float32)
             guided = clipped + tl.math.div_rn(w * (pm - clipped), ps * ps)
             moved = tl.math.div_rn(guided - am, asc) + (noise_scale * sigma) * z
         else:
@@ -120,7 +121,7 @@ def action_update_at(
     seed: int | torch.Tensor | None = None,
     step: int | None = None,
 ) -> torch.Tensor:
-    """Fused ``reference.step_ops.action_update_at``: the new normalised actions [B,H,A] (actions' dtype).
+    """Fused ``polygrad_fast.step_ops.action_update_at``: the new normalised actions [B,H,A] (actions' dtype).
 
     coef = step_table[t] [4], last = (t == 0); policy_mean/std broadcast to [B,H,A]; guidance_scale may be a
     one-element device tensor (read in the kernel, so a tuned scale needs no host sync). The noise is ``noise``
@@ -148,7 +149,7 @@ def guided_action_update(
     guidance_type: str = "grad",
     seed: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fused ``reference.step_ops.guided_action_update``: the new normalised actions [B,H,A] (actions' dtype).
+    """``action_update_at`` at step t (twin: ``reference.step_ops.guided_action_update``): the new normalised actions [B,H,A] (actions' dtype).
 
     Same arguments (see ``action_update_at``). With ``noise=None`` and ``seed`` the noise of step t is drawn in
     the kernel from (seed, t, element).

@@ -1,7 +1,8 @@
 """Kernel A: the state half of one guided reverse step in one pass.
 
-Twins: ``reference.step_ops.guided_state_update`` (step t) and ``state_update_at`` (t resolved by the caller into
-the coefficient row, the clip switch and the noise). Tile: [BLOCK_R rows of B*H, BLOCK_D >= D columns]; math in
+Fuses ``polygrad_fast.step_ops.state_update_at`` (t resolved by the caller into the coefficient row, the clip
+switch and the noise); ``guided_state_update`` takes t itself, with the signature of its paper-style twin
+``reference.step_ops.guided_state_update``. Tile: [BLOCK_R rows of B*H, BLOCK_D >= D columns]; math in
 fp32, whatever the input dtypes.
 """
 from __future__ import annotations
@@ -10,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.step_ops import CLIP_STATE_CHANGE_MAX_T, STATES_FOR_GUIDANCE
-from ._common import (STATE_STREAM, check_noise_source, check_same_device, check_step, device_scalar, row_block,
+from ..step_ops import CLIP_STATE_CHANGE_MAX_T, STATES_FOR_GUIDANCE
+from ._common import (COEF1_COL, COEF2_COL, SIGMA_COL, STATE_STREAM, check_noise_source, check_same_device, check_step, device_scalar, row_block,
                       rows_per_program, standard_normal)
 
 
@@ -30,9 +31,9 @@ def _guided_state_update_kernel(
     pinned = mask & (rows % horizon == 0) & (cols < O)
     start = tl.load(start_ptr + (rows // horizon) * O + cols, mask=pinned).to(tl.float32)
 
-    coef1 = tl.load(coef_ptr + 1).to(tl.float32)
-    coef2 = tl.load(coef_ptr + 2).to(tl.float32)
-    sigma = tl.load(coef_ptr + 3).to(tl.float32)
+    coef1 = tl.load(coef_ptr + COEF1_COL).to(tl.float32)
+    coef2 = tl.load(coef_ptr + COEF2_COL).to(tl.float32)
+    sigma = tl.load(coef_ptr + SIGMA_COL).to(tl.float32)
 
     x = tl.load(x_ptr + idx, mask=mask).to(tl.float32)
     x0 = tl.where(pinned, start, tl.load(x0_ptr + idx, mask=mask).to(tl.float32))
@@ -108,7 +109,7 @@ def state_update_at(
     seed: int | torch.Tensor | None = None,
     step: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused ``reference.step_ops.state_update_at``: (x_next [B,H,D], mean [B,H,D], guide [B,H,O]), x's dtype.
+    """Fused ``polygrad_fast.step_ops.state_update_at``: (x_next [B,H,D], mean [B,H,D], guide [B,H,O]), x's dtype.
 
     coef = step_table[t] [4]; clip_state_change None disables the clamp; the noise is ``noise`` [B,H,D], or with
     ``seed`` (int or one-element int64 device tensor) drawn in the kernel from (seed, step, element), or absent
@@ -133,7 +134,7 @@ def guided_state_update(
     states_for_guidance: str = "recon",
     seed: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused ``reference.step_ops.guided_state_update``: (x_next [B,H,D], mean [B,H,D], guide [B,H,O]).
+    """``state_update_at`` at step t (twin: ``reference.step_ops.guided_state_update``): (x_next [B,H,D], mean [B,H,D], guide [B,H,O]).
 
     Same arguments; outputs have x's dtype. With ``noise=None`` and ``seed`` the noise of step t > 0 is drawn in
     the kernel from (seed, t, element).

@@ -1,4 +1,6 @@
-"""Kernel C: training-time forward noising of states and actions in one pass (twin: ``reference.step_ops.q_sample``).
+"""Kernel C: training-time forward noising of states and actions in one pass.
+
+Fuses ``polygrad_fast.step_ops.q_sample`` (paper-style twin: ``reference.step_ops.q_sample``).
 
 Tiles: [BLOCK_R rows of B*H, BLOCK_D >= D] for the states and [BLOCK_R, BLOCK_A >= A] for the actions, with the
 per-sample step t[b] gathered once per row; math in fp32.
@@ -107,7 +109,7 @@ def q_sample(
     obs_dim: int | None = None,
     seed: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused ``reference.step_ops.q_sample``: returns (x_t [B,H,D], act_t [B,H,A]) in the inputs' dtypes.
+    """Fused ``polygrad_fast.step_ops.q_sample``: returns (x_t [B,H,D], act_t [B,H,A]) in the inputs' dtypes.
 
     Same arguments; t: [B] integer tensor. With ``noise=None`` and ``seed`` (int or one-element int64 device
     tensor) both noises are drawn in the kernel from (seed, t[b], element).

@@ -14,13 +14,13 @@ import warnings
 from types import ModuleType
 
 __all__ = ["extension", "extension_error", "native", "native_available", "native_build_info", "native_error",
-           "warn_fallback_once"]
+           "warn_fallback_once", "warn_once"]
 
 BUFFER, CPU_OPS = "_buffer_native", "_cpu_ops"
 _lock = threading.Lock()
 _modules: dict[str, ModuleType | None] = {}
 _errors: dict[str, str | None] = {}
-_warned = False
+_warned: set[str] = set()
 
 
 def _load(name: str) -> None:
@@ -66,15 +66,19 @@ def native_error() -> str | None:
     return extension_error(BUFFER)
 
 
+def warn_once(message: str, stacklevel: int = 3) -> None:
+    """One RuntimeWarning per distinct message per process: a fallback is announced, not repeated every call."""
+    with _lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
 def warn_fallback_once() -> None:
     """Warn, once per process, that the numpy reference replaces the unavailable native buffer."""
-    global _warned
-    with _lock:
-        if _warned:
-            return
-        _warned = True
-    warnings.warn(f"polygrad_fast: native trajectory buffer unavailable, using the numpy reference "
-                  f"(slower): {native_error()}", RuntimeWarning, stacklevel=3)
+    warn_once(f"polygrad_fast: native trajectory buffer unavailable, using the numpy reference "
+              f"(slower): {native_error()}", stacklevel=4)
 
 
 def native_build_info() -> dict:

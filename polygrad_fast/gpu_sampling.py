@@ -13,25 +13,16 @@ module never decorates them (the kernel tests choose the Triton interpreter firs
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections import OrderedDict
 from typing import Callable, Hashable
 
 import torch
 from torch import nn
 
+from ._native import warn_once
 from .backend import triton_usable
-from .reference.guided_sampling import change_metrics
-from .reference.step_ops import _SQRT_ABAR, CLIP_STATE_CHANGE_MAX_T
-
-_warned: set[str] = set()
-
-
-def warn_once(message: str) -> None:
-    """One RuntimeWarning per distinct message per process: a fallback is announced, not repeated every call."""
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+from .guided_step import GuidedStep, change_metrics
+from .noise import SEED_HIGH
 
 
 class ShapeKeyedCache:
@@ -69,84 +60,75 @@ class ShapeKeyedCache:
 
 
 class GuidedLoop:
-    """Static tensors and the loop body for one (batch, horizon) of a sampler; device agnostic.
+    """Static tensors and the loop body for one (batch, horizon); device agnostic.
 
     ``run()`` executes the T steps eagerly (what the graph captures; on CPU it runs under the Triton interpreter,
-    which is how the body is tested without a GPU). Inputs: ``start`` [B,O] normalised, ``seed`` [] int64,
-    ``guidance_scale`` [] fp32. ``run`` returns (x [B,H,D], actions [B,H,A], posterior mean - x at t = 0).
-    The step is the sampler's (same denoiser and policy copies, same order of ops), except that its noise is drawn
-    inside the kernels; tests compare the two paths fed the same noise.
+    which is how the body is tested without a GPU): one ``step`` call per t, its noise drawn inside the kernels,
+    so ``step.ops`` must be the fused kernels' (``guided_step.triton_ops()``). step_table [T, 4] on the device.
+    Inputs: ``start`` [B,O] normalised, ``seed`` [] int64, ``guidance_scale`` [] fp32. ``run`` returns
+    (x [B,H,D], actions [B,H,A], posterior mean - x at t = 0 [B,H,D], bad-policy flag []).
     """
 
-    def __init__(self, sampler, batch: int, horizon: int):
-        s, dev = sampler, sampler.device
-        T, O, D, A = s.schedule.n_steps, s.obs_dim, s.transition_dim, s.act_dim
-        self.sampler, self.batch, self.horizon = sampler, batch, horizon
+    def __init__(self, step: GuidedStep, step_table: torch.Tensor, batch: int, horizon: int):
+        dev, T = step_table.device, step_table.shape[0]
+        O, A = step.normalizer.obs_dim, step.normalizer.act_dim
+        self.step, self.step_table, self.batch, self.horizon = step, step_table, batch, horizon
         self.start = torch.zeros(batch, O, device=dev)
         self.seed = torch.zeros((), dtype=torch.int64, device=dev)
         self.guidance_scale = torch.zeros((), device=dev)
-        self._x_start = torch.zeros(batch, horizon, D, device=dev)  # x0 for the initial draw: only [:, 0, :O] is read
+        self._x_start = torch.zeros(batch, horizon, O + 2, device=dev)  # x0 of the initial draw: [:, 0, :O] is read
         self._a_zero = torch.zeros(batch, horizon, A, device=dev)
         self._init_step = torch.full((batch,), T, dtype=torch.int64, device=dev)
         self._unit_tables = torch.zeros(T + 1, device=dev), torch.ones(T + 1, device=dev)
-        self._steps = torch.arange(T, device=dev)[:, None].expand(T, batch).contiguous()
 
     def run(self):
-        from .kernels import action_update_at, q_sample, state_update_at
+        from .kernels import q_sample
 
-        s, c = self.sampler, self.sampler.config
-        obs, act = s.normalizer["observations"], s.normalizer["actions"]
-        self._x_start[:, 0, : s.obs_dim].copy_(self.start)
+        step, O, dev = self.step, self.start.shape[-1], self.seed.device
+        T = self.step_table.shape[0]
+        self._x_start[:, 0, :O].copy_(self.start)
         x, a = q_sample(self._x_start, self._a_zero, self._init_step, *self._unit_tables, None,
-                        action_noise_scale=1.0, obs_dim=s.obs_dim, seed=self.seed)
-        for t in reversed(range(s.schedule.n_steps)):
-            coef, last = s.step_table[t], t == 0
-            seed = None if last else self.seed  # the last step adds no noise
-            x0 = s._denoiser_fast(x, coef[_SQRT_ABAR] * a, self._steps[t])
-            clip = c.clip_state_change if t <= CLIP_STATE_CHANGE_MAX_T else None
-            x_next, mean, guide = state_update_at(x, x0, self.start, coef, obs.mean, obs.scale, clip, None,
-                                                  c.states_for_guidance, seed=seed, step=t)
-            # skipped where the action update is the identity, as in the sampler
-            if not (last and c.clip_std is None or not last and c.guidance_type == "none"):
-                p_mean, p_std = s._policy_fast(guide)
-                a = action_update_at(a, p_mean, p_std, act.mean, act.scale, coef, self.guidance_scale, c.clip_std,
-                                     None, c.action_noise_scale, c.guidance_type, last, seed=seed, step=t)
-            x_prev, x = x, x_next
-        return x, a, mean - x_prev
+                        action_noise_scale=1.0, obs_dim=O, seed=self.seed)
+        step_inputs = step.step_inputs(T, self.batch, dev)  # inside the graph: follows the weights
+        bad = torch.zeros((), dtype=torch.bool, device=dev)
+        for t in reversed(range(T)):
+            last = t == 0
+            x, a, change, bad = step(x, a, step_inputs[t], self.start, self.step_table[t], self.guidance_scale,
+                                     step.clip_state_change_at(t), None, None, last, bad,
+                                     seed=None if last else self.seed, step=t)  # the last step adds no noise
+        return x, a, change, bad
 
 
-def _fingerprint(sampler) -> tuple:
-    """What a captured graph has baked in besides its static inputs: options and the addresses of every tensor
-    it reads (a refitted normaliser, a re-cast module or a new step table means capturing again)."""
-    tensors = [sampler.step_table]
-    for field in sampler.normalizer.fields.values():
+def _fingerprint(step: GuidedStep, step_table: torch.Tensor) -> tuple:
+    """What a captured graph has baked in besides its static inputs: the options and the addresses of every
+    tensor it reads (a refitted normaliser, a re-cast module or a new step table means capturing again)."""
+    tensors = [step_table]
+    for field in step.normalizer.fields.values():
         tensors += [field.mean, field.std]
-    policy = sampler.policy if sampler._policy_copy is None else sampler._policy_copy
-    for module in (sampler._denoiser_fast, policy):
+    for module in (step.denoiser, step.policy):
         if isinstance(module, nn.Module):
             tensors += list(module.parameters()) + list(module.buffers())
-    return (dataclasses.astuple(sampler.config), dataclasses.astuple(sampler.execution),
-            tuple(t.data_ptr() for t in tensors))
+    return dataclasses.astuple(step.config), tuple(t.data_ptr() for t in tensors)
 
 
 class CudaGraphSampler:
     """Replays a captured ``GuidedLoop`` per (batch, horizon); built by ``graph_runner_for``.
 
-    ``sample(start, horizon, guidance_scale, generator=None, seed=None)`` has the contract of
-    ``FastGuidedSampler._sample_fast`` without explicit noise: returns (x [B,H,D], actions [B,H,A], metrics).
-    If a capture fails (e.g. a policy that syncs with the host), one warning is given, ``enabled`` turns False
-    and the call, like every later one, runs the sampler's eager loop.
+    ``sample(start, horizon, guidance_scale, generator=None, seed=None)`` returns (x [B,H,D], actions [B,H,A],
+    change metrics, bad-policy flag []), as ``fallback(start, horizon, guidance_scale, generator, None)`` (the
+    eager loop) does. If a capture fails (e.g. a policy that syncs with the host), one warning is given,
+    ``enabled`` turns False and the call, like every later one, runs the fallback.
     """
 
-    def __init__(self, sampler, max_graphs: int = 4):
-        self.sampler = sampler
+    def __init__(self, step: GuidedStep, step_table: torch.Tensor, fallback: Callable, max_graphs: int = 4):
+        self.step, self.step_table, self.fallback = step, step_table, fallback
         self.enabled = True
         self._graphs = ShapeKeyedCache(max_graphs)
         self._fingerprint = None
 
     def sample(self, start: torch.Tensor, horizon: int, guidance_scale: torch.Tensor,
                generator: torch.Generator | None = None, seed: int | None = None):
-        fingerprint = _fingerprint(self.sampler)
+        fingerprint = _fingerprint(self.step, self.step_table)
         if fingerprint != self._fingerprint:
             self._graphs.clear()
             self._fingerprint = fingerprint
@@ -158,23 +140,24 @@ class CudaGraphSampler:
             self._graphs.clear()
             warn_once(f"CUDA graph capture of the guided sampler failed ({type(exc).__name__}: {exc}); "
                       "falling back to the eager loop")
-            return self.sampler._sample_fast(start, horizon, guidance_scale, generator, None)
+            return self.fallback(start, horizon, guidance_scale, generator, None)
         loop.start.copy_(start)
         loop.guidance_scale.copy_(guidance_scale)
         if seed is not None:
             loop.seed.fill_(seed)
         else:  # drawn on the generator's device: for a CUDA generator (or None) no host sync
             device = generator.device if generator is not None else loop.seed.device
-            loop.seed.copy_(torch.randint(2**62, (), generator=generator, device=device))
+            loop.seed.copy_(torch.randint(SEED_HIGH, (), generator=generator, device=device))
         graph.replay()
-        x, a, change = outputs
-        return x.clone(), a.clone(), change_metrics(change)
+        x, a, change, bad = outputs
+        return x.clone(), a.clone(), change_metrics(change), bad.clone()
 
     def _capture(self, batch: int, horizon: int):
         """(loop, graph, outputs): one eager warm-up on a side stream (Triton JIT, cuBLAS, allocator), then capture."""
-        loop = GuidedLoop(self.sampler, batch, horizon)
-        current = torch.cuda.current_stream(self.sampler.device)
-        side = torch.cuda.Stream(self.sampler.device)
+        device = self.step_table.device
+        loop = GuidedLoop(self.step, self.step_table, batch, horizon)
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
         side.wait_stream(current)
         with torch.cuda.stream(side), torch.inference_mode():
             loop.run()
@@ -185,14 +168,15 @@ class CudaGraphSampler:
         return loop, graph, outputs
 
 
-def graph_runner_for(sampler) -> CudaGraphSampler | None:
-    """A ``CudaGraphSampler`` for ``sampler``, or None (with one warning) where the graph path cannot run:
-    no CUDA device with a working Triton, or ``update_states`` (autograd through the policy)."""
-    if not triton_usable(sampler.device):
-        reason = f"needs a CUDA device with a working Triton, sampler is on {sampler.device}"
-    elif sampler.config.update_states:
+def graph_runner_for(step: GuidedStep, step_table: torch.Tensor, fallback: Callable) -> CudaGraphSampler | None:
+    """A ``CudaGraphSampler`` for ``step`` (kernel ops) on step_table's device, or None (with one warning) where
+    the graph path cannot run: no CUDA device with a working Triton, or ``update_states`` (autograd through the
+    policy)."""
+    if not triton_usable(step_table.device):
+        reason = f"needs a CUDA device with a working Triton, the sampler is on {step_table.device}"
+    elif step.config.update_states:
         reason = "update_states differentiates through the policy, which a captured graph cannot"
     else:
-        return CudaGraphSampler(sampler)
+        return CudaGraphSampler(step, step_table, fallback)
     warn_once(f"CUDA-graph guided sampling unavailable ({reason}); using the sampler's eager fast path")
     return None

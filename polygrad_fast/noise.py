@@ -10,16 +10,19 @@ AVX-512, AVX2 and baseline builds of the kernel compute the same bits. Everythin
 
 Why: torch.randn on CPU draws from one serial mt19937 stream; the 5.3M normals of one Hopper sampling call
 (T=128, B=256) took 15 ms with torch.randn vs 5.2 ms native (2 threads) on the development VM.
-The fast sampler and the reference sampler both draw through here, so one generator seed gives both paths the
-same noise.
+``SamplerNoise`` holds all the noise of one sampling call, drawn here in one fill. The reference sampler draws
+the same stream through its numpy twin (or takes a ``SamplerNoise``), so on CPU one generator seed gives both
+paths the same noise (up to a few fp32 ulps of the transcendental functions).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ._native import CPU_OPS, extension
 
-_SEED_HIGH = 2**63 - 1
+SEED_HIGH = 2**63 - 1  # seeds are drawn from [0, SEED_HIGH): non-negative int64, on any device
 
 
 def native_available() -> bool:
@@ -33,8 +36,8 @@ def _native_layout(out: torch.Tensor) -> bool:
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
-    """One integer in [0, 2^63 - 1) from ``generator`` (torch's global CPU generator when None)."""
-    return int(torch.randint(0, _SEED_HIGH, (), generator=generator, device="cpu"))
+    """One integer in [0, SEED_HIGH) from ``generator`` (torch's global CPU generator when None)."""
+    return int(torch.randint(0, SEED_HIGH, (), generator=generator, device="cpu"))
 
 
 def native_standard_normal_(out: torch.Tensor, seed: int, offset: int = 0) -> torch.Tensor:
@@ -57,3 +60,47 @@ def fill_standard_normal(out: torch.Tensor, generator: torch.Generator | None = 
     if _native_layout(out) and native_available() and (generator is None or generator.device.type == "cpu"):
         return native_standard_normal_(out, draw_seed(generator))
     return out.normal_(generator=generator)  # what torch.randn does on a contiguous tensor
+
+
+@dataclass
+class SamplerNoise:
+    """All the Gaussian noise of one sampling call, so two samplers can consume exactly the same numbers.
+
+    x_T [B,H,D], a_T [B,H,A]: initial trajectory / actions; state [T,B,H,D], action [T,B,H,A]: the noise of
+    reverse step t is ``state[t]`` / ``action[t]`` (``[0]`` is unused: the last step adds no noise).
+    """
+
+    x_T: torch.Tensor
+    a_T: torch.Tensor
+    state: torch.Tensor
+    action: torch.Tensor
+
+    @classmethod
+    def draw(cls, n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int,
+             generator: torch.Generator | None = None, device=None) -> "SamplerNoise":
+        """One ``fill_standard_normal`` draw for the whole chain: [T+1, B, H, D+A] (see ``from_buffer``)."""
+        buf = torch.empty(n_steps + 1, batch, horizon, transition_dim + action_dim, device=device)
+        return cls.from_buffer(fill_standard_normal(buf, generator), transition_dim)
+
+    @classmethod
+    def from_buffer(cls, buf: torch.Tensor, transition_dim: int) -> "SamplerNoise":
+        """Views of buf [T+1, B, H, D+A]: index T holds (x_T, a_T), index t < T the noise of step t."""
+        T, D = buf.shape[0] - 1, transition_dim
+        return cls(x_T=buf[T, ..., :D], a_T=buf[T, ..., D:], state=buf[:T, ..., :D], action=buf[:T, ..., D:])
+
+    def check(self, n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int,
+              device: torch.device | None = None) -> None:
+        """ValueError/TypeError unless every field is a float32 tensor of its expected shape (on ``device``)."""
+        expected = {"x_T": (batch, horizon, transition_dim), "a_T": (batch, horizon, action_dim),
+                    "state": (n_steps, batch, horizon, transition_dim),
+                    "action": (n_steps, batch, horizon, action_dim)}
+        for name, shape in expected.items():
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"noise.{name} must be a torch.Tensor, got {type(value).__name__}")
+            if tuple(value.shape) != shape:
+                raise ValueError(f"noise.{name} has shape {tuple(value.shape)}, expected {shape}")
+            if value.dtype != torch.float32:
+                raise TypeError(f"noise.{name} must be float32, got {value.dtype}")
+            if device is not None and value.device != torch.device(device):
+                raise ValueError(f"noise.{name} is on {value.device}, expected {torch.device(device)}")

@@ -1,9 +1,9 @@
 """``FastGuidedSampler``: PolyGRAD's policy-guided trajectory sampler, fast, with the reference one switch away.
 
-One reverse step t (design.md "The fast guided step"): denoiser forward -> state update (kernel A) -> policy
-forward on the guide states -> action update (kernel B) with closed-form guidance a += w·(μ−a)/σ². The two
-elementwise updates go through ``self._ops`` so a backend can swap them (reference twins in
-``polygrad_fast.reference.step_ops``; fused Triton kernels on CUDA).
+One reverse step t is ``guided_step.GuidedStep``: denoiser forward -> state update -> policy forward on the guide
+states -> action update with closed-form guidance a += w (mu_pi - a) / sigma_pi^2. The two elementwise updates are
+the step's ``StepOps`` (torch's ``polygrad_fast.step_ops``, or the fused Triton kernels on CUDA); the
+paper-style sampler (``polygrad_fast.reference``) is ``backend="reference"``.
 
 The loop is written to be CUDA-graph capturable: buffers are preallocated per batch size, all noise is drawn
 in one draw before the loop, the guidance scale is a device tensor, and control flow depends only on the
@@ -14,9 +14,11 @@ Shapes: B batch, H horizon, O obs dim, D = O + 2, A action dim, T diffusion step
 from __future__ import annotations
 
 import copy
+import math
+import threading
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Literal, NamedTuple
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,19 +26,15 @@ from torch import nn
 from . import cpu_layer_norm, cpu_packed
 from .backend import ExecutionOptions, check_fields, resolve_dtype, select_backend
 from .denoisers import Denoiser, low_precision_copy
-from .noise import fill_standard_normal
+from .guided_step import TORCH_OPS, GuidedStep, change_metrics, check_policy_output, triton_ops
+from .noise import SamplerNoise, fill_standard_normal
 from .normalizer import Normalizer
 from .policy import policy_mean_std, standardized_action_moments
-from .reference import step_ops
-from .reference.guided_sampling import SamplerNoise, change_metrics, guided_sample, update_guide_states
-from .reference.step_ops import _SIGMA, _SQRT_ABAR, GUIDANCE_TYPES, STATES_FOR_GUIDANCE
+from .reference.guided_sampling import guided_sample
 from .schedule import NoiseSchedule
+from .step_ops import GuidanceType, StatesForGuidance
 
 RECOMPILE_LIMIT = 64  # compiled entries of the step function before dynamo falls back to eager
-
-GuidanceType = Literal["grad", "sample", "none"]
-StatesForGuidance = Literal["recon", "posterior_mean"]
-
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -76,7 +74,7 @@ class SamplerConfig:
 
 @dataclass
 class ImaginedBatch:
-    """Imagined trajectories: raw fields (what A2C consumes, §9 R6) and their normalised twins.
+    """Imagined trajectories: raw fields (what the actor-critic update consumes) and their normalised twins.
 
     observations [B,H,O], actions [B,H,A], rewards [B,H] raw; terminals [B,H] float 0/1 (raw terminal > 0.5);
     *_normalized: the sampler's own (normalised) values; metrics: 0-dim device tensors (act_std, act_mean,
@@ -94,44 +92,18 @@ class ImaginedBatch:
     metrics: dict = field(default_factory=dict)
 
 
-class StepOps(NamedTuple):
-    """The two per-step elementwise ops, row-level: the signatures of ``step_ops.state_update_at`` and
-    ``step_ops.action_update_at`` (step t resolved by the sampler into coef = step_table[t], the clip switch,
-    noise None at t = 0 and ``last``). A backend swaps them as a pair."""
+class _PolicyCall(nn.Module):
+    """Calls a policy, or its low-precision copy in ``dtype``, on fp32 raw states; returns fp32 (mean, std)."""
 
-    state_update: Callable
-    action_update: Callable
-
-
-TORCH_OPS = StepOps(step_ops.state_update_at, step_ops.action_update_at)
-
-
-def _triton_ops() -> StepOps:
-    from . import kernels
-
-    try:
-        return StepOps(kernels.state_update_at, kernels.action_update_at)
-    except AttributeError as e:
-        raise RuntimeError("backend 'triton' selected but polygrad_fast.kernels does not provide the row-level "
-                           "ops state_update_at / action_update_at yet") from e
-
-
-class _CastCall(nn.Module):
-    """Calls a low-precision copy of a policy on fp32 raw states; returns fp32 (mean, std)."""
-
-    def __init__(self, module: nn.Module, dtype: torch.dtype):
+    def __init__(self, policy: Callable, dtype: torch.dtype | None = None):
         super().__init__()
-        self.module, self.dtype = module, dtype
+        self.policy, self.dtype = policy, dtype
 
     def forward(self, states: torch.Tensor):
-        mean, std = policy_mean_std(self.module(states.to(self.dtype)))
+        if self.dtype is None:
+            return policy_mean_std(self.policy(states))
+        mean, std = policy_mean_std(self.policy(states.to(self.dtype)))
         return mean.float(), std.float()
-
-
-def _mean_std_call(policy: Callable) -> Callable:
-    def call(states: torch.Tensor):
-        return policy_mean_std(policy(states))
-    return call
 
 
 def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
@@ -191,6 +163,7 @@ class FastGuidedSampler:
             raise ValueError(f"policy is on {policy_params[0].device} but the denoiser on {self.device}")
         self.backend = select_backend(self.device, ex.backend)
         self.guidance_scale = torch.tensor(float(cfg.guidance_scale), device=self.device)
+        self._lock = threading.Lock()  # see sample(): one call at a time
         self.step_table = schedule.step_table(device=self.device)
         if self.backend != "reference":
             self._setup_fast()
@@ -210,11 +183,11 @@ class FastGuidedSampler:
                              else resolve_dtype(ex.policy_dtype, self.device))
         if self.policy_dtype != torch.float32 and isinstance(self.policy, nn.Module):
             self._policy_copy = copy.deepcopy(self.policy).eval().requires_grad_(False).to(self.policy_dtype)
-            self._policy_fast: Callable = _CastCall(self._policy_copy, self.policy_dtype)
+            self._policy_fast = _PolicyCall(self._policy_copy, self.policy_dtype)
         else:
             self.policy_dtype = torch.float32
             self._policy_copy = None
-            self._policy_fast = _mean_std_call(self.policy)
+            self._policy_fast = _PolicyCall(self.policy)
         self._packed = []  # low-precision copies whose Linears run prepacked (cpu_packed)
         # The denoiser copy only: packing the policy's 256x256 Linear too (B·H rows) made sample() 2-3% slower at
         # B=1024 in an interleaved run (neutral at B=256) while the denoiser alone was 4% faster.
@@ -233,27 +206,24 @@ class FastGuidedSampler:
             for module in copies:
                 if module is not None:
                     cpu_layer_norm.fuse_layer_norm_acts(module)
-        self._ops = _triton_ops() if self.backend == "triton" else TORCH_OPS
-        # A polygrad_fast Denoiser runs each step on a precomputed time-embedding row (all T embedded once per
-        # call); a foreign module gets the step vector t [B].
-        self._embeds_time = isinstance(self._denoiser_fast, Denoiser)
-        self._denoise = self._denoiser_fast.forward_embedded if self._embeds_time else self._denoiser_fast
-        self._step = self._denoise_and_step
+        self.guided_step = GuidedStep(self._denoiser_fast, self._policy_fast, self.normalizer, cfg,
+                                      triton_ops() if self.backend == "triton" else TORCH_OPS, grad_policy=self.policy)
+        self._step = self.guided_step
         if compiled:
             # One graph for the whole step (denoiser, state op, policy, action op): t enters as tensors and Python
-            # switches, so the T steps share 3 graphs (clip off, clip on, last) instead of one per t. Hopper B=256:
-            # sample() 4-9% faster than with the denoiser and the rest compiled as two graphs (interleaved rounds).
-            # The compiled entries of the step are shared by all samplers (same options and structure: same
-            # graphs, no recompile); each other option set adds its 3 graphs, so dynamo's default limit of 8 would
-            # send a third differently configured sampler to eager mode.
-            self._step = torch.compile(self._denoise_and_step, recompile_limit=RECOMPILE_LIMIT)
+            # switches, so the T steps share 3 graphs (clip off, clip on, last) instead of one per t (measured
+            # faster than the denoiser and the rest compiled as two graphs). The compiled entries of the step are
+            # shared by all samplers (same options and structure: same graphs, no recompile); each other option
+            # set adds its 3 graphs, so dynamo's default limit of 8 would send a third differently configured
+            # sampler to eager mode.
+            self._step = torch.compile(self.guided_step.__call__, recompile_limit=RECOMPILE_LIMIT)
         self._rows = list(self.step_table.unbind(0))  # coef rows [4], views made once
         self._buffers: dict | None = None
         # backend 'triton': calls without explicit noise replay the whole loop as a CUDA graph
         self._graph_runner = None
         if self.backend == "triton":
             from .gpu_sampling import graph_runner_for
-            self._graph_runner = graph_runner_for(self)
+            self._graph_runner = graph_runner_for(self.guided_step, self.step_table, self._sample_loop)
 
     def _get_buffers(self, batch: int, horizon: int) -> dict:
         """Preallocated per-call tensors, kept for the last (batch, horizon)."""
@@ -264,21 +234,14 @@ class FastGuidedSampler:
                 "noise": torch.empty(T + 1, batch, horizon, D + A, device=dev),
                 "x": torch.empty(batch, horizon, D, device=dev),
                 "a": torch.empty(batch, horizon, self.act_dim, device=dev),
-                "t": torch.arange(T, device=dev)[:, None].expand(T, batch).contiguous(),
             }
         return self._buffers
 
-    def _step_inputs(self, buf: dict) -> list:
-        """What the denoiser gets for each step t: the row time_embedding(t) [1, E], or t [B] (foreign module)."""
-        if not self._embeds_time:
-            return list(buf["t"].unbind(0))
-        steps = torch.arange(self.schedule.n_steps, device=self.device)
-        return list(self._denoiser_fast.time_embedding(steps)[:, None].unbind(0))
-
     # ---------------------------------------------------------------- public API
     def set_guidance_scale(self, value: float | torch.Tensor) -> None:
-        """Copy a new scale into the device tensor (no host sync when ``value`` is a device tensor)."""
-        self.guidance_scale.copy_(torch.as_tensor(value, dtype=torch.float32))
+        """Copy a new scale w >= 0 into the device tensor. A Python number is checked here; a one-element tensor
+        is copied without a host sync and checked by the next ``sample()`` call (with its other checks)."""
+        self.guidance_scale.copy_(_guidance_scale_tensor(value, self.device))
 
     def sample(self, start_obs: torch.Tensor, *, normalized: bool = False, horizon: int | None = None,
                generator: torch.Generator | None = None, noise: SamplerNoise | None = None,
@@ -286,20 +249,32 @@ class FastGuidedSampler:
         """Imagine trajectories from start_obs [B,O] (RAW observations unless ``normalized=True``).
 
         horizon defaults to (and must equal) ``denoiser.horizon``; noise (``SamplerNoise``) overrides the
-        generator-drawn noise (tests); guidance_scale overrides ``self.guidance_scale`` for this call.
-        The input checks cost one host sync (finiteness) before the loop, none inside it. The fast path keeps
-        all noise of a call in one buffer [T+1, B, H, D+A] fp32 (84 MB at the paper's B=1024, T=128).
+        generator-drawn noise (tests); guidance_scale (w >= 0, finite) overrides ``self.guidance_scale`` for this
+        call. The input checks cost one host sync before the loop (start_obs finite, w finite and >= 0), none
+        inside it; a policy that returns a std <= 0 or NaN, or a non-finite mean, raises ValueError after the
+        loop. The fast path keeps all noise of a call in one buffer [T+1, B, H, D+A] fp32 (84 MB at the paper's
+        B=1024, T=128).
+
+        Threads: calls are serialised by a lock (the fast path reuses preallocated buffers), so a sampler shared
+        by several threads gives every call the result it would give alone; for parallel sampling build one
+        sampler per thread.
         """
-        horizon = self._check_inputs(start_obs, horizon, noise)
-        start = start_obs if normalized else self.normalizer.normalize(start_obs, "observations")
-        g = self.guidance_scale if guidance_scale is None else torch.as_tensor(
-            guidance_scale, dtype=torch.float32, device=self.device)
-        t0 = time.perf_counter()
-        if self.backend == "reference":
-            x, a, metrics = self._sample_reference(start, horizon, g, generator, noise)
-        else:
-            x, a, metrics = self._sample_fast(start, horizon, g, generator, noise)
-        return self._finish(x, a, metrics, t0)
+        with self._lock:
+            horizon = self._check_inputs(start_obs, horizon, noise)
+            g = self.guidance_scale if guidance_scale is None else _guidance_scale_tensor(guidance_scale,
+                                                                                          self.device)
+            if not bool(torch.isfinite(start_obs).all() & torch.isfinite(g) & (g >= 0)):  # the one host sync
+                if not bool(torch.isfinite(start_obs).all()):
+                    raise ValueError("start_obs contains NaN or inf")
+                raise ValueError(f"guidance_scale must be a finite number >= 0, got {float(g)}")
+            start = start_obs if normalized else self.normalizer.normalize(start_obs, "observations")
+            t0 = time.perf_counter()
+            if self.backend == "reference":
+                x, a, metrics = self._sample_reference(start, horizon, g, generator, noise)
+                bad = None
+            else:
+                x, a, metrics, bad = self._sample_fast(start, horizon, g, generator, noise)
+            return self._finish(x, a, metrics, t0, bad)
 
     __call__ = sample
 
@@ -316,29 +291,32 @@ class FastGuidedSampler:
             raise ValueError(f"start_obs is on {start_obs.device} but the sampler (denoiser) on {self.device}")
         if start_obs.dtype != torch.float32:
             raise TypeError(f"start_obs must be float32, got {start_obs.dtype}")
-        if not bool(torch.isfinite(start_obs).all()):
-            raise ValueError("start_obs contains NaN or inf")
         model_h = getattr(self.denoiser, "horizon", None)
         if horizon is None:
             if model_h is None:
                 raise ValueError("horizon is required: the denoiser has no .horizon attribute")
             horizon = model_h
-        if not isinstance(horizon, int) or horizon < 1:
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
             raise ValueError(f"horizon must be a positive int, got {horizon!r}")
         if model_h is not None and horizon != model_h:
             raise ValueError(f"horizon {horizon} != denoiser.horizon {model_h} (the denoiser is built for one H)")
         if noise is not None:
-            noise.check(self.schedule.n_steps, start_obs.shape[0], horizon, self.transition_dim, self.act_dim)
+            if not isinstance(noise, SamplerNoise):
+                raise TypeError(f"noise must be a SamplerNoise, got {type(noise).__name__}")
+            noise.check(self.schedule.n_steps, start_obs.shape[0], horizon, self.transition_dim, self.act_dim,
+                        self.device)
         return horizon
 
     def _sample_reference(self, start, horizon, g, generator, noise):
         c = self.config
+        if noise is None:  # the fast path's noise for the same generator, drawn natively
+            noise = SamplerNoise.draw(self.schedule.n_steps, start.shape[0], horizon, self.transition_dim,
+                                      self.act_dim, generator=generator, device=self.device)
         return guided_sample(
             self.denoiser, self.schedule, self.policy, self.normalizer, start, horizon=horizon,
             guidance_type=c.guidance_type, guidance_scale=g, clip_std=c.clip_std,
             clip_state_change=c.clip_state_change, states_for_guidance=c.states_for_guidance,
-            update_states=c.update_states, action_noise_scale=c.action_noise_scale, noise=noise,
-            generator=generator)
+            update_states=c.update_states, action_noise_scale=c.action_noise_scale, noise=noise)
 
     def _sync(self) -> None:
         if not self.execution.sync_weights:
@@ -351,10 +329,15 @@ class FastGuidedSampler:
             cpu_packed.refresh(module)
 
     def _sample_fast(self, start, horizon, g, generator, noise):
+        """(x [B,H,D], a [B,H,A], change metrics, bad-policy flag []): the CUDA graph or the eager loop."""
         self._sync()
         if noise is None and self._graph_runner is not None and self._graph_runner.enabled:
             return self._graph_runner.sample(start, horizon, g, generator)
-        c, B, T = self.config, start.shape[0], self.schedule.n_steps
+        return self._sample_loop(start, horizon, g, generator, noise)
+
+    def _sample_loop(self, start, horizon, g, generator, noise):
+        """The T reverse steps, one ``GuidedStep`` call each (compiled when ``execution.compile``)."""
+        c, B, T, step = self.config, start.shape[0], self.schedule.n_steps, self.guided_step
         buf = self._get_buffers(B, horizon)
         # update_states needs autograd on the guide states, which inference tensors do not allow.
         grad_mode = torch.no_grad() if c.update_states else torch.inference_mode()
@@ -366,67 +349,58 @@ class FastGuidedSampler:
             x.copy_(noise.x_T)
             x[:, 0, : self.obs_dim] = start
             a.copy_(noise.a_T)
-            step_inputs = self._step_inputs(buf)
-            change = None
+            step_inputs = step.step_inputs(T, B, self.device)
+            change, bad = None, torch.zeros((), dtype=torch.bool, device=self.device)
             for t in reversed(range(T)):  # rebinding, not copying back: 2 fewer passes per step
-                clip = c.clip_state_change if t <= step_ops.CLIP_STATE_CHANGE_MAX_T else None
-                x, a, change = self._step(x, a, step_inputs[t], start, self._rows[t], g, clip,
-                                          None if t == 0 else noise.state[t], noise.action[t], t == 0)
+                x, a, change, bad = self._step(x, a, step_inputs[t], start, self._rows[t], g,
+                                               step.clip_state_change_at(t), None if t == 0 else noise.state[t],
+                                               noise.action[t], t == 0, bad)
             # a step may return its input (an identity action update): never hand out the reused buffers
-            return (x.clone() if x is buf["x"] else x), (a.clone() if a is buf["a"] else a), change_metrics(change)
+            return ((x.clone() if x is buf["x"] else x), (a.clone() if a is buf["a"] else a), change_metrics(change),
+                    bad)
 
-    def _denoise_and_step(self, x, a, step_input, start, coef, g, clip_state_change, state_noise, action_noise,
-                          last: bool):
-        """One reverse step: the denoiser on (x [B,H,D], sqrt(abar_t)·a [B,H,A], step_input), then ``_step_core``."""
-        x0 = self._denoise(x, coef[_SQRT_ABAR] * a, step_input)
-        return self._step_core(x, a, x0, start, coef, g, clip_state_change, state_noise, action_noise, last)
-
-    def _step_core(self, x, a, x0, start, coef, g, clip_state_change, state_noise, action_noise, last: bool):
-        """The rest of one reverse step after the denoiser (x0 [B,H,D]), from the resolved row
-        coef = step_table[t] [4] (see ``StepOps``).
-
-        Returns (x_next [B,H,D], a_next [B,H,A], posterior mean − x at the last step else None).
-        """
-        c, n = self.config, self.normalizer
-        obs, act = n["observations"], n["actions"]
-        x_next, mean, guide = self._ops.state_update(
-            x, x0, start, coef, obs.mean, obs.scale, clip_state_change, state_noise, c.states_for_guidance)
-        change = mean - x if last else None
-        if last and c.clip_std is None or not last and c.guidance_type == "none":
-            return x_next, a, change  # the action update is the identity: skip the policy forward
-        p_mean, p_std = self._policy_fast(guide)
-        a_next = self._ops.action_update(a, p_mean, p_std, act.mean, act.scale, coef, g, c.clip_std, action_noise,
-                                         c.action_noise_scale, c.guidance_type, last)
-        if c.update_states and not last:
-            # the raw guided action before its noise, which S7 differentiates log π at
-            a_guided = act.unnormalize(a_next - c.action_noise_scale * coef[_SIGMA] * action_noise)
-            x_next, _ = update_guide_states(
-                x, step_ops.impose_start_obs(x0, start), mean, a_guided, start, coef, self.policy, n, g,
-                c.states_for_guidance, state_noise)
-        return x_next, a_next, change
-
-    def _finish(self, x, a, metrics, t0) -> ImaginedBatch:
+    def _finish(self, x, a, metrics, t0, bad) -> ImaginedBatch:
         n, O = self.normalizer, self.obs_dim
         obs_n, act_n = x[..., :O], a
         obs, act = n.unnormalize(obs_n, "observations"), n.unnormalize(act_n, "actions")
         rew_n, term_n = x[..., O], x[..., O + 1]
         terminals = (n.unnormalize(term_n, "terminals") > 0.5).float()
         with torch.no_grad():
-            metrics.update(standardized_action_stats(self.policy, obs, act))
+            stats, stats_bad = _standardized_action_stats(self.policy, obs, act)
+        metrics.update(stats)
         metrics["terminal_avg"] = terminals.mean()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # one sync per call so the time is the real sampling time
         metrics["sampling_time"] = time.perf_counter() - t0
+        if bool(stats_bad if bad is None else bad | stats_bad):  # after the sync above: no extra wait
+            raise ValueError("the policy returned a std <= 0 or NaN, or a non-finite mean, for some guide state; "
+                             "expected a finite mean and a std > 0 everywhere (a Normal over raw actions)")
         return ImaginedBatch(obs, act, n.unnormalize(rew_n, "rewards"), terminals, obs_n, act_n, rew_n, term_n,
                              metrics)
 
 
-def standardized_action_stats(policy: Callable, obs: torch.Tensor, actions: torch.Tensor) -> dict:
-    """act_mean, act_std of z = (a − μπ(s))/σπ(s) over (batch, time[:-1]) (all steps when H = 1), §8 A7.
+def _guidance_scale_tensor(value, device: torch.device) -> torch.Tensor:
+    """w as a 0-dim fp32 tensor on ``device``; a Python number must be finite and >= 0 (a tensor's value is
+    checked in ``sample()``, where it costs no extra host sync)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"guidance_scale must be a one-element float tensor, got shape {list(value.shape)} "
+                             f"dtype {value.dtype}")
+        return value.reshape(()).to(device=device, dtype=torch.float32)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"guidance_scale must be a number or a one-element tensor, got {type(value).__name__}")
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"guidance_scale must be a finite number >= 0, got {value!r}")
+    return torch.tensor(float(value), device=device)
 
-    obs [B,H,O], actions [B,H,A] raw. act_std is the mean over action dims of the per-dim std.
+
+def _standardized_action_stats(policy: Callable, obs: torch.Tensor, actions: torch.Tensor):
+    """(act_mean / act_std of z = (a - mu_pi(s)) / sigma_pi(s), bad-policy flag []).
+
+    The moments are over (batch, time[:-1]) (all steps when H = 1): obs [B,H,O], actions [B,H,A] raw; act_std is
+    the mean over action dims of the per-dim std (the paper's logged standardised action statistics).
     """
     if obs.shape[1] > 1:
         obs, actions = obs[:, :-1], actions[:, :-1]
-    mean, std = policy_mean_std(policy(obs))
-    return standardized_action_moments((actions - mean) / std)
+    mean, std = check_policy_output(*policy_mean_std(policy(obs)), obs.shape, actions.shape[-1])
+    return standardized_action_moments((actions - mean) / std), ~((std > 0).all() & torch.isfinite(mean).all())

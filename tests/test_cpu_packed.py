@@ -10,7 +10,7 @@ from torch import nn
 from polygrad_fast import cpu_layer_norm, cpu_packed
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser, low_precision_copy
 from polygrad_fast.policy import Actor
-from polygrad_fast.reference.guided_sampling import SamplerNoise
+from polygrad_fast.noise import SamplerNoise
 from polygrad_fast.backend import cpu_has_fast_bf16
 from polygrad_fast.sampler import FastGuidedSampler
 from polygrad_fast.schedule import NoiseSchedule

@@ -1,16 +1,23 @@
-"""The schedule tables against an independent float64 numpy computation, and the paper-style samplers' behaviour."""
+"""The schedule tables against an independent float64 numpy computation, the paper-style samplers' behaviour, and
+the reference's independence from the fast path (its imports, its own noise)."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from polygrad_fast.reference.guided_sampling import SamplerNoise, action_conditioned_sample, guided_sample
+from polygrad_fast import noise as fast_noise
+from polygrad_fast.reference.guided_sampling import ChainNoise, action_conditioned_sample, draw_noise, guided_sample
+from polygrad_fast.sampler import FastGuidedSampler
 from polygrad_fast.schedule import STEP_TABLE_COLUMNS, NoiseSchedule
 from test_sampler import A, O, make_setup
 
 
 def numpy_tables(T, tau):
-    """polygrad-reference.md G2/G3, float64, written from the formulas (no polygrad_fast code)."""
+    """The cosine schedule with exponent tau and the posterior q(x_{t-1} | x_t, x_0), float64, written from the
+    formulas (no polygrad_fast code)."""
     s = np.linspace(0.0, 1.0, T + 1)
     f = np.cos(s * np.pi / 2) ** (2 * tau)
     v_start, v_end = 1.0, np.cos(np.pi / 2) ** (2 * tau)
@@ -46,7 +53,7 @@ def test_schedule_tables_match_numpy_float64(T, tau):
 @pytest.mark.parametrize("tau,expected", [(1.0, [0.9999, 0.919, 0.698, 0.371, 0.0004]),
                                           (0.1, [1.0, 0.992, 0.965, 0.906, 0.020])])
 def test_schedule_spot_values(tau, expected):
-    """sqrt(abar_t) at t = 0, 32, 64, 96, 127 for T = 128 (polygrad-reference.md G2, quoted to 3-4 digits)."""
+    """sqrt(abar_t) at t = 0, 32, 64, 96, 127 for T = 128, as the paper's schedule gives them (3-4 digits)."""
     got = numpy_tables(128, tau)["sqrt_alphas_cumprod"][[0, 32, 64, 96, 127]]
     np.testing.assert_allclose(got, expected, atol=6e-4)
     np.testing.assert_allclose(NoiseSchedule(128, tau).sqrt_alphas_cumprod[[0, 32, 64, 96, 127]].numpy(), got)
@@ -70,14 +77,14 @@ def test_guided_sample_feeds_scaled_actions_and_imposes_first_obs():
     denoiser, schedule, policy, norm = make_setup(n_steps=12)
     rec = Recorder(denoiser)
     start = torch.randn(4, O)
-    noise = SamplerNoise.draw(12, 4, 10, O + 2, A, generator=torch.Generator().manual_seed(0))
+    noise = draw_noise(12, 4, 10, O + 2, A, generator=torch.Generator().manual_seed(0))
     x, actions, metrics = guided_sample(rec, schedule, policy, norm, start, horizon=10, guidance_type="none",
                                         clip_std=None, noise=noise)
     assert [int(c[0][0]) for c in rec.calls] == list(range(11, -1, -1))
     sqrt_abar = schedule.step_table()[:, 0]
     for t, a in rec.calls:
-        torch.testing.assert_close(a, sqrt_abar[t[0]] * noise.a_T)  # S1: sqrt(abar_t)·a, no noise (Q12)
-    assert torch.equal(actions, noise.a_T)  # 'none' without clip: actions stay the initial noise (Q4)
+        torch.testing.assert_close(a, sqrt_abar[t[0]] * noise.a_T)  # the denoiser sees sqrt(abar_t)·a, no noise
+    assert torch.equal(actions, noise.a_T)  # 'none' without clip: actions stay the initial noise
     torch.testing.assert_close(x[:, 0, :O], start)
     assert metrics["max_change"] <= 0.25 + 1e-6
 
@@ -85,8 +92,8 @@ def test_guided_sample_feeds_scaled_actions_and_imposes_first_obs():
 def test_last_step_adds_no_noise_and_clips_actions_only():
     denoiser, schedule, policy, norm = make_setup(n_steps=6)
     start = torch.randn(5, O)
-    noise = SamplerNoise.draw(6, 5, 10, O + 2, A, generator=torch.Generator().manual_seed(1))
-    other = SamplerNoise(noise.x_T, noise.a_T, noise.state.clone(), noise.action.clone())
+    noise = draw_noise(6, 5, 10, O + 2, A, generator=torch.Generator().manual_seed(1))
+    other = ChainNoise(noise.x_T, noise.a_T, noise.state.clone(), noise.action.clone())
     other.state[0].normal_()
     other.action[0].normal_()
     x1, a1, _ = guided_sample(denoiser, schedule, policy, norm, start, horizon=10, noise=noise, guidance_scale=0.1)
@@ -113,7 +120,7 @@ def test_action_conditioned_sample():
     denoiser, schedule, _, _ = make_setup(n_steps=8)
     rec = Recorder(denoiser)
     start, actions = torch.randn(3, O), torch.randn(3, 10, A)
-    noise = SamplerNoise.draw(8, 3, 10, O + 2, A, generator=torch.Generator().manual_seed(2))
+    noise = draw_noise(8, 3, 10, O + 2, A, generator=torch.Generator().manual_seed(2))
     x = action_conditioned_sample(rec, schedule, start, actions, noise=noise)
     table = schedule.step_table()
     for t, a in rec.calls:
@@ -130,3 +137,38 @@ def test_action_conditioned_sample():
     g = lambda: torch.Generator().manual_seed(9)  # noqa: E731
     assert torch.equal(action_conditioned_sample(denoiser, schedule, start, actions, generator=g()),
                        action_conditioned_sample(denoiser, schedule, start, actions, generator=g()))
+
+
+def test_reference_imports_only_torch_numpy_and_data_definitions():
+    """A fresh interpreter importing the reference samplers loads no fast-path, native, policy or step-op module."""
+    code = ("import sys, polygrad_fast.reference.guided_sampling, polygrad_fast.reference.step_ops, "
+            "polygrad_fast.reference.noise; print(sorted(m for m in sys.modules if m.startswith('polygrad_fast')))")
+    loaded = set(eval(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout))
+    allowed = {"polygrad_fast", "polygrad_fast.reference", "polygrad_fast.reference.guided_sampling",
+               "polygrad_fast.reference.step_ops", "polygrad_fast.reference.noise", "polygrad_fast.schedule",
+               "polygrad_fast.normalizer"}
+    assert loaded <= allowed, sorted(loaded - allowed)
+    assert "polygrad_fast.reference.guided_sampling" in loaded  # the probe itself worked
+
+
+@pytest.mark.skipif(not fast_noise.native_available(), reason="polygrad_fast._cpu_ops not built")
+def test_reference_draws_the_fast_paths_noise_for_a_seed():
+    """The reference's numpy Philox twin and the native generator give the same noise for one generator seed
+    (to a few fp32 ulps: the native kernel's fp32 ln/sin/cos), so the two samplers agree without explicit noise."""
+    ref = draw_noise(5, 3, 4, O + 2, A, generator=torch.Generator().manual_seed(7))
+    fast = fast_noise.SamplerNoise.draw(5, 3, 4, O + 2, A, generator=torch.Generator().manual_seed(7))
+    for name in ("x_T", "a_T", "state", "action"):
+        torch.testing.assert_close(getattr(ref, name), getattr(fast, name), atol=1e-6, rtol=1e-6)
+    setup = make_setup(n_steps=6)
+    start = torch.randn(4, O)
+    _, schedule, policy, norm = setup
+    x, a, _ = guided_sample(setup[0], schedule, policy, norm, norm.normalize(start, "observations"), horizon=10,
+                            guidance_scale=0.1, generator=torch.Generator().manual_seed(3))
+    out = FastGuidedSampler(*setup, backend="torch", denoiser_dtype="float32", guidance_scale=0.1).sample(
+        start, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out.observations_normalized, x[..., :O], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.actions_normalized, a, atol=1e-5, rtol=1e-5)
+    other = guided_sample(setup[0], schedule, policy, norm, norm.normalize(start, "observations"), horizon=10,
+                          guidance_scale=0.1, generator=torch.Generator().manual_seed(4))[1]
+    assert (other - a).abs().max() > 0.1  # another seed gives other trajectories: the match above is the noise's

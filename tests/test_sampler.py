@@ -14,7 +14,7 @@ from polygrad_fast.backend import ENV_VAR, select_backend
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor
-from polygrad_fast.reference.guided_sampling import SamplerNoise
+from polygrad_fast.noise import SamplerNoise
 from polygrad_fast.backend import ExecutionOptions, resolve_dtype
 from polygrad_fast.sampler import FastGuidedSampler, SamplerConfig
 from polygrad_fast.schedule import NoiseSchedule

@@ -1,13 +1,15 @@
-"""The reference twins of the fused step ops against the paper-style step (autograd guidance, extract-by-name)."""
+"""The production row-level step ops (polygrad_fast.step_ops: closed-form guidance, step t resolved by the
+caller) against the reference's paper-style step (autograd guidance, coefficients by name) and against a third
+statement of the state half written here from the schedule's float64 tables."""
 import pytest
 import torch
 
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor
 from polygrad_fast.reference.guided_sampling import reference_action_step
-from polygrad_fast.reference.step_ops import (action_update_at, guided_action_update, guided_state_update,
-                                              state_update_at)
+from polygrad_fast.reference.step_ops import guided_action_update, guided_state_update
 from polygrad_fast.schedule import NoiseSchedule
+from polygrad_fast.step_ops import CLIP_STATE_CHANGE_MAX_T, SIGMA, action_update_at, state_update_at
 
 B, H, O, A, T = 6, 5, 7, 3, 20
 
@@ -24,7 +26,8 @@ def setup(seed=0):
 
 
 def paper_state_half(x, x_recon, start, t, schedule, norm, clip_state_change, noise, states_for_guidance):
-    """S1–S4 + S11 written like the paper's code: extract(table, t) by name, apply_conditioning, q_posterior."""
+    """The state half written like the paper's code: extract(table, t) by name from the float64 tables,
+    apply_conditioning, q_posterior, the std from the clipped log variance."""
     def extract(name):
         return schedule.table(name)[torch.full((x.shape[0],), t)].view(-1, 1, 1)
 
@@ -46,10 +49,14 @@ def test_state_update_matches_paper_step(t, sfg):
     norm, _, x, x0, start, noise, _ = setup()
     schedule = NoiseSchedule(T)
     obs = norm["observations"]
-    got = guided_state_update(x, x0, start, t, schedule.step_table(), obs.mean, obs.scale, 0.25, noise, sfg)
+    table = schedule.step_table()
+    fast = state_update_at(x, x0, start, table[t], obs.mean, obs.scale, 0.25 if t <= CLIP_STATE_CHANGE_MAX_T else None,
+                           None if t == 0 else noise, sfg)
+    ref = guided_state_update(x, x0, start, t, table, obs.mean, obs.scale, 0.25, noise, sfg)
     want = paper_state_half(x, x0, start, t, schedule, norm, 0.25, noise, sfg)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+    for got in (fast, ref):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
     assert not torch.equal(x0[:, 0, :O], start)  # inputs untouched
 
 
@@ -64,13 +71,16 @@ def test_action_update_matches_autograd_step(t, guidance_type, clip_std):
     act = norm["actions"]
     with torch.no_grad():
         mean, std = policy(guide_raw)
-    got = guided_action_update(actions, mean, std, act.mean, act.scale, t, table, 0.3, clip_std, a_noise, 0.7,
-                               guidance_type)
-    want, _ = reference_action_step(actions, guide_raw, policy, norm, t, table[t, 3], 0.3, clip_std, a_noise, 0.7,
-                                    guidance_type)
+    got = action_update_at(actions, mean, std, act.mean, act.scale, table[t], 0.3, clip_std, a_noise, 0.7,
+                           guidance_type, t == 0)
+    # the reference: autograd on Normal(mean, std), and on the policy's own distribution
+    torch.testing.assert_close(got, guided_action_update(actions, mean, std, act.mean, act.scale, t, table, 0.3,
+                                                         clip_std, a_noise, 0.7, guidance_type), atol=1e-6, rtol=1e-6)
+    want, _ = reference_action_step(actions, guide_raw, policy, norm, t, table[t, SIGMA], 0.3, clip_std, a_noise,
+                                    0.7, guidance_type)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     if guidance_type == "grad" and t > 0 and clip_std is not None:
-        raw = norm.unnormalize(got - 0.7 * table[t, 3] * a_noise, "actions")
+        raw = norm.unnormalize(got - 0.7 * table[t, SIGMA] * a_noise, "actions")
         lo, hi = mean - clip_std * std, mean + clip_std * std
         # clamp then one step towards the mean: stays inside the clamp interval for w / std^2 < 1
         assert ((raw >= lo - 1e-5) & (raw <= hi + 1e-5)).all()
@@ -78,7 +88,8 @@ def test_action_update_matches_autograd_step(t, guidance_type, clip_std):
 
 @pytest.mark.slow
 def test_compiled_row_ops_match_the_twins():
-    """What the compiled fast path runs: the row-level cores under torch.compile, one graph per branch."""
+    """What the compiled fast path runs: the row-level ops under torch.compile, one graph per branch, against the
+    reference's step-t twins."""
     norm, policy, x, x0, start, noise, a_noise = setup(2)
     table = NoiseSchedule(T).step_table()
     obs, act = norm["observations"], norm["actions"]

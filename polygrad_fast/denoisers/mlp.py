@@ -1,4 +1,4 @@
-"""Residual-MLP denoiser, the paper's default network (polygrad-reference.md §7a).
+"""Residual-MLP denoiser, the paper's default network: a flattened trajectory window through residual blocks.
 
 The whole window is one flat vector: steps are interleaved step-major, [x_0, a_0, x_1, a_1, ...].
 """

@@ -1,4 +1,4 @@
-"""Causal transformer denoiser, nanoGPT-style (polygrad-reference.md §7b).
+"""Causal transformer denoiser, nanoGPT-style (the paper's transformer alternative to the residual MLP).
 
 One token per step, cat(x_k, a_k); step k attends to steps <= k only, also when used as a diffusion denoiser.
 """

@@ -1,65 +1,71 @@
-"""Reference samplers written the way the paper's code does it (polygrad-reference.md §5 G10, §6).
+"""Reference samplers written the way the paper's code does it (``p_sample_loop`` with the policy-guided sample
+function, and the plain ancestral sampler given actions).
 
 fp32 denoiser, autograd guidance (``a.requires_grad``, ``log_prob(a).sum().backward()``), one reverse step at a
-time. Every fast sampler is checked element by element against ``guided_sample`` with the same explicit noise
-(``SamplerNoise``). Shapes: B batch, H horizon, O obs dim, D = O + 2, A action dim, T diffusion steps.
-States inside the sampler are normalised; the policy is called on RAW states and returns a distribution over RAW
-actions (anything ``polygrad_fast.policy.policy_distribution`` accepts).
+time, the state update written out as the paper's equations (``reference.step_ops``). Every fast sampler is checked
+against ``guided_sample`` with the same explicit noise (anything with the fields of ``polygrad_fast.noise.
+SamplerNoise``). Without explicit noise it draws its own from the numpy twin of the counter-based generator
+(``reference.noise``), the stream the fast path draws on CPU for the same generator seed.
+Shapes: B batch, H horizon, O obs dim, D = O + 2, A action dim, T diffusion steps. States inside the sampler are
+normalised; the policy is called on RAW states and returns a distribution over RAW actions: a
+``torch.distributions.Distribution`` or a (mean, std) pair (a diagonal Normal).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+from torch.distributions import Distribution, Independent, Normal
 
-from ..noise import fill_standard_normal
 from ..normalizer import Normalizer
-from ..policy import policy_distribution
 from ..schedule import NoiseSchedule
-from .step_ops import (_COEF1, _COEF2, _SIGMA, _SQRT_ABAR, GUIDANCE_TYPES, STATES_FOR_GUIDANCE,
-                       guided_state_update, impose_start_obs)
+from .noise import standard_normal
+from .step_ops import (GUIDANCE_TYPES, STATES_FOR_GUIDANCE, action_step, apply_conditioning, extract,
+                       guided_state_update)
 
 
-@dataclass
-class SamplerNoise:
-    """All the Gaussian noise of one sampling call, so two samplers can consume exactly the same numbers.
-
-    x_T [B,H,D], a_T [B,H,A]: initial trajectory / actions; state [T,B,H,D], action [T,B,H,A]: the noise of
-    reverse step t is ``state[t]`` / ``action[t]`` (``[0]`` is unused: the last step adds no noise).
-    """
+class ChainNoise(NamedTuple):
+    """All the noise of one call: x_T [B,H,D], a_T [B,H,A]; state [T,B,H,D], action [T,B,H,A] for step t."""
 
     x_T: torch.Tensor
     a_T: torch.Tensor
     state: torch.Tensor
     action: torch.Tensor
 
-    @classmethod
-    def draw(cls, n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int,
-             generator: torch.Generator | None = None, device=None) -> "SamplerNoise":
-        """One draw for the whole chain: [T+1, B, H, D+A] (see ``from_buffer``), from
-        ``polygrad_fast.noise.fill_standard_normal``, the samplers' one noise source, so a generator seed gives
-        the reference and the fast sampler the same noise."""
-        buf = torch.empty(n_steps + 1, batch, horizon, transition_dim + action_dim, device=device)
-        return cls.from_buffer(fill_standard_normal(buf, generator), transition_dim)
 
-    @classmethod
-    def from_buffer(cls, buf: torch.Tensor, transition_dim: int) -> "SamplerNoise":
-        """Views of buf [T+1, B, H, D+A]: index T holds (x_T, a_T), index t < T the noise of step t."""
-        T, D = buf.shape[0] - 1, transition_dim
-        return cls(x_T=buf[T, ..., :D], a_T=buf[T, ..., D:], state=buf[:T, ..., :D], action=buf[:T, ..., D:])
+def draw_noise(n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int,
+               generator: torch.Generator | None = None, device=None) -> ChainNoise:
+    """One draw of the stream (seed, 0) laid out as [T+1, B, H, D+A] (index T: x_T, a_T; t < T: step t), with
+    the seed drawn from ``generator`` as one integer in [0, 2^63 - 1) (torch's global generator when None)."""
+    seed_device = generator.device if generator is not None else "cpu"
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=generator, device=seed_device))
+    shape = (n_steps + 1, batch, horizon, transition_dim + action_dim)
+    z = torch.from_numpy(standard_normal(int(torch.Size(shape).numel()), seed)).float().view(shape).to(device)
+    T, D = n_steps, transition_dim
+    return ChainNoise(z[T, ..., :D], z[T, ..., D:], z[:T, ..., :D], z[:T, ..., D:])
 
-    def check(self, n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int) -> None:
-        expected = {"x_T": (batch, horizon, transition_dim), "a_T": (batch, horizon, action_dim),
-                    "state": (n_steps, batch, horizon, transition_dim),
-                    "action": (n_steps, batch, horizon, action_dim)}
-        for name, shape in expected.items():
-            got = tuple(getattr(self, name).shape)
-            if got != shape:
-                raise ValueError(f"noise.{name} has shape {got}, expected {shape}")
+
+def _check_noise(noise, n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int) -> None:
+    expected = {"x_T": (batch, horizon, transition_dim), "a_T": (batch, horizon, action_dim),
+                "state": (n_steps, batch, horizon, transition_dim), "action": (n_steps, batch, horizon, action_dim)}
+    for name, shape in expected.items():
+        got = tuple(getattr(noise, name).shape)
+        if got != shape:
+            raise ValueError(f"noise.{name} has shape {got}, expected {shape}")
+
+
+def as_distribution(out) -> Distribution:
+    """The policy's output as a distribution: a Distribution as is, a (mean, std) pair as a diagonal Normal."""
+    if isinstance(out, Distribution):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        mean, std = out
+        return Independent(Normal(mean, std.expand_as(mean)), 1)
+    raise TypeError(f"policy must return a torch Distribution or (mean, std); got {type(out).__name__}")
 
 
 def change_metrics(change: torch.Tensor) -> dict[str, torch.Tensor]:
-    """avg/max/min/std of |posterior mean - x| at the last step (§8 A5 ``sampling/*_change``)."""
+    """avg/max/min/std of |posterior mean - x| at the last step."""
     c = change.abs()
     return {"avg_change": c.mean(), "max_change": c.max(), "min_change": c.min(), "std_change": c.std()}
 
@@ -77,33 +83,18 @@ def reference_action_step(
     action_noise_scale: float = 1.0,
     guidance_type: str = "grad",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Action half of the paper's step (S5, S6, S8–S10), autograd guidance.
+    """Action half of the paper's step: the policy on the guide states, then ``step_ops.action_step``.
 
     actions, noise [B,H,A] normalised; guide_states_raw [B,H,O]. Returns (new normalised actions [B,H,A],
-    the guided raw actions before noise [B,H,A] for S7 or None when there is no gradient step).
+    the guided raw actions before noise [B,H,A] for the state update of the ablation, or None).
     """
-    if t == 0 and clip_std is None:
-        return actions, None  # S5: the last step only clips
-    a = normalizer.unnormalize(actions, "actions")
-    if t == 0 or guidance_type == "grad":
-        with torch.no_grad():
-            dist = policy_distribution(policy(guide_states_raw))
-        if clip_std is not None:
-            lo = dist.mean - clip_std * dist.stddev
-            hi = dist.mean + clip_std * dist.stddev
-            a = torch.clamp(a, lo, hi)
-        if t == 0:
-            return normalizer.normalize(a, "actions"), None
-        a = a.detach().requires_grad_(True)
-        with torch.enable_grad():
-            dist.log_prob(a).sum().backward()
-        a = (a + guidance_scale * a.grad).detach()
-        return normalizer.normalize(a, "actions") + action_noise_scale * sigma_t * noise, a
-    if guidance_type == "sample":
-        with torch.no_grad():
-            dist = policy_distribution(policy(guide_states_raw))
-        return normalizer.normalize(dist.mean + dist.stddev * noise, "actions"), None
-    return actions, None
+    if t == 0 and clip_std is None or t > 0 and guidance_type == "none":
+        return actions, None  # no policy call: nothing reads it
+    with torch.no_grad():
+        dist = as_distribution(policy(guide_states_raw))
+    act = normalizer["actions"]
+    return action_step(actions, dist, act.mean, act.scale, t, sigma_t, guidance_scale, clip_std, noise,
+                       action_noise_scale, guidance_type)
 
 
 def guided_step(
@@ -125,24 +116,25 @@ def guided_step(
     state_noise: torch.Tensor | None,
     action_noise: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One reverse step S0–S11 (plus re-conditioning). Returns (x_next [B,H,D], actions [B,H,A], mean - x)."""
-    obs_dim = start_obs.shape[-1]
-    coef = step_table[t]
+    """One reverse step of the paper's policy-guided sampler. Returns (x_{t-1} [B,H,D], actions [B,H,A], mu - x_t).
+
+    The denoiser predicts x0 from (x_t, sqrt(abar_t) a, t); the state half and the policy's guidance follow
+    (``guided_state_update``, ``reference_action_step``); with ``update_states`` the guide states move too.
+    """
     timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    with torch.no_grad():  # S1
-        x_recon = denoiser(x, coef[_SQRT_ABAR] * actions, timesteps)
-        x_recon = impose_start_obs(x_recon, start_obs)
+    with torch.no_grad():
+        x_recon = denoiser(x, extract(step_table, "sqrt_alphas_cumprod", t) * actions, timesteps)
     obs = normalizer["observations"]
-    # S2-S4 (and S11's state half): exactly the reference twin of kernel A.
     x_next, mean, guide_raw = guided_state_update(
         x, x_recon, start_obs, t, step_table, obs.mean, obs.scale, clip_state_change, state_noise,
         states_for_guidance)
     new_actions, a_guided = reference_action_step(
-        actions, guide_raw, policy, normalizer, t, coef[_SIGMA], guidance_scale, clip_std, action_noise,
-        action_noise_scale, guidance_type)
+        actions, guide_raw, policy, normalizer, t, extract(step_table, "posterior_std", t), guidance_scale,
+        clip_std, action_noise, action_noise_scale, guidance_type)
     if update_states and a_guided is not None:
-        x_next, mean = update_guide_states(x, x_recon, mean, a_guided, start_obs, coef, policy, normalizer,
-                                           guidance_scale, states_for_guidance, state_noise)
+        x_next, mean = update_guide_states(x, apply_conditioning(x_recon, start_obs), mean, a_guided, start_obs, t,
+                                           step_table, policy, normalizer, guidance_scale, states_for_guidance,
+                                           state_noise)
     return x_next, new_actions, mean - x
 
 
@@ -152,31 +144,31 @@ def update_guide_states(
     mean: torch.Tensor,
     a_guided: torch.Tensor,
     start_obs: torch.Tensor,
-    coef: torch.Tensor,
+    t: int,
+    step_table: torch.Tensor,
     policy,
     normalizer: Normalizer,
     guidance_scale: float | torch.Tensor,
     states_for_guidance: str,
     state_noise: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """S7 (ablation ``update_states``): guide states += w·∇_s log π(a_guided|s) (autograd, normalised s).
+    """The ablation ``update_states``: guide states s += w * grad_s log pi(a_guided | s) (autograd, normalised s).
 
-    x, x_recon (first obs imposed), mean [B,H,D]; a_guided [B,H,A] raw; coef = step_table[t] [4] (t > 0).
-    The updated states replace x0's
-    observation columns, and the posterior mean is recomputed WITHOUT the t <= 10 clip (paper behaviour).
-    Returns (x_next [B,H,D] with the first observation imposed, new posterior mean [B,H,D]).
+    x, x_recon (first obs imposed), mean [B,H,D]; a_guided [B,H,A] raw; t > 0. The updated states replace
+    x_recon's observation columns and the posterior mean is recomputed WITHOUT the t <= 10 clamp (as the paper's
+    code). Returns (x_{t-1} [B,H,D] with the first observation imposed, new posterior mean [B,H,D]).
     """
     obs_dim = start_obs.shape[-1]
     guide = (x_recon if states_for_guidance == "recon" else mean)[..., :obs_dim].detach().clone()
     guide.requires_grad_(True)
     with torch.enable_grad():
-        dist = policy_distribution(policy(normalizer.unnormalize(guide, "observations")))
+        dist = as_distribution(policy(normalizer.unnormalize(guide, "observations")))
         dist.log_prob(a_guided).sum().backward()
     x_recon = x_recon.clone()
     x_recon[..., :obs_dim] = (guide + guidance_scale * guide.grad).detach()
-    x_recon = impose_start_obs(x_recon, start_obs)
-    mean = coef[_COEF1] * x_recon + coef[_COEF2] * x
-    return impose_start_obs(mean + coef[_SIGMA] * state_noise, start_obs), mean
+    x_recon = apply_conditioning(x_recon, start_obs)
+    mu = extract(step_table, "posterior_mean_coef1", t) * x_recon + extract(step_table, "posterior_mean_coef2", t) * x
+    return apply_conditioning(mu + extract(step_table, "posterior_std", t) * state_noise, start_obs), mu
 
 
 def guided_sample(
@@ -194,13 +186,13 @@ def guided_sample(
     states_for_guidance: str = "recon",
     update_states: bool = False,
     action_noise_scale: float = 1.0,
-    noise: SamplerNoise | None = None,
+    noise=None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """The paper's policy-guided sampler (p_sample_loop with policy_guided_sample_fn).
+    """The paper's policy-guided sampler (p_sample_loop with the policy-guided sample function).
 
     start_obs [B,O] normalised. Returns (x [B,H,D] normalised trajectory, actions [B,H,A] normalised,
-    change metrics of the last step). Noise comes from ``noise`` or, if None, ``SamplerNoise.draw(generator)``.
+    change metrics of the last step). Noise comes from ``noise`` or, if None, ``draw_noise(generator)``.
     """
     if guidance_type not in GUIDANCE_TYPES:
         raise ValueError(f"guidance_type must be one of {GUIDANCE_TYPES}, got {guidance_type!r}")
@@ -209,10 +201,10 @@ def guided_sample(
     B, O = start_obs.shape
     D, A, T = O + 2, normalizer.act_dim, schedule.n_steps
     if noise is None:
-        noise = SamplerNoise.draw(T, B, horizon, D, A, generator=generator, device=start_obs.device)
-    noise.check(T, B, horizon, D, A)
+        noise = draw_noise(T, B, horizon, D, A, generator=generator, device=start_obs.device)
+    _check_noise(noise, T, B, horizon, D, A)
     step_table = schedule.step_table(device=start_obs.device)
-    x = impose_start_obs(noise.x_T, start_obs)
+    x = apply_conditioning(noise.x_T, start_obs)
     actions = noise.a_T.clone()
     for t in reversed(range(T)):
         x, actions, change = guided_step(
@@ -229,10 +221,10 @@ def action_conditioned_sample(
     start_obs: torch.Tensor,
     actions: torch.Tensor,
     *,
-    noise: SamplerNoise | None = None,
+    noise=None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The paper's plain ancestral sampler given actions (§6b default_sample_fn; autoregressive baseline).
+    """The paper's plain ancestral sampler given actions (its default sample function; autoregressive baseline).
 
     start_obs [B,O] normalised, actions [B,H,A] normalised (fed as sqrt(abar_t)*a). No guidance, no clipping,
     x0 not re-conditioned before the posterior, no noise at t=0; the first observation is re-imposed after
@@ -242,14 +234,14 @@ def action_conditioned_sample(
     O = start_obs.shape[-1]
     T = schedule.n_steps
     if noise is None:
-        noise = SamplerNoise.draw(T, B, H, O + 2, A, generator=generator, device=start_obs.device)
-    noise.check(T, B, H, O + 2, A)
+        noise = draw_noise(T, B, H, O + 2, A, generator=generator, device=start_obs.device)
+    _check_noise(noise, T, B, H, O + 2, A)
     step_table = schedule.step_table(device=start_obs.device)
-    x = impose_start_obs(noise.x_T, start_obs)
+    x = apply_conditioning(noise.x_T, start_obs)
     for t in reversed(range(T)):
-        coef = step_table[t]
         timesteps = torch.full((B,), t, dtype=torch.long, device=x.device)
-        x0 = denoiser(x, coef[_SQRT_ABAR] * actions, timesteps)
-        mean = coef[_COEF1] * x0 + coef[_COEF2] * x
-        x = impose_start_obs(mean if t == 0 else mean + coef[_SIGMA] * noise.state[t], start_obs)
+        x0 = denoiser(x, extract(step_table, "sqrt_alphas_cumprod", t) * actions, timesteps)
+        mu = extract(step_table, "posterior_mean_coef1", t) * x0 + extract(step_table, "posterior_mean_coef2", t) * x
+        x = apply_conditioning(mu if t == 0 else mu + extract(step_table, "posterior_std", t) * noise.state[t],
+                               start_obs)
     return x

@@ -3,17 +3,19 @@
 On the CPU the loop body (``GuidedLoop.run``) runs eagerly under the Triton interpreter and is compared with the
 sampler's torch path fed the very noise the kernels draw (recovered with ``q_sample`` at unit tables).
 """
+import copy
 import warnings
 
 import pytest
 import torch
 
-from polygrad_fast import gpu_sampling
+from polygrad_fast import _native
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
 from polygrad_fast.gpu_sampling import GuidedLoop, ShapeKeyedCache, graph_runner_for
+from polygrad_fast.guided_step import triton_ops
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor
-from polygrad_fast.reference.guided_sampling import SamplerNoise
+from polygrad_fast.noise import SamplerNoise
 from polygrad_fast.sampler import FastGuidedSampler
 from polygrad_fast.schedule import NoiseSchedule
 
@@ -52,8 +54,15 @@ def kernel_noise(seed, n_steps, batch, horizon, device) -> SamplerNoise:
                         action=torch.stack([d[1] for d in draws[:-1]]))
 
 
+def kernel_step(sampler):
+    """The sampler's GuidedStep with the kernels' ops (what backend 'triton' builds), whatever its backend."""
+    step = copy.copy(sampler.guided_step)
+    step.ops = triton_ops()
+    return step
+
+
 def run_loop(sampler, start, seed, guidance_scale=0.5):
-    loop = GuidedLoop(sampler, start.shape[0], sampler.denoiser.horizon)
+    loop = GuidedLoop(kernel_step(sampler), sampler.step_table, start.shape[0], sampler.denoiser.horizon)
     loop.start.copy_(start)
     loop.seed.fill_(seed)
     loop.guidance_scale.fill_(guidance_scale)
@@ -79,12 +88,12 @@ def test_shape_keyed_cache_is_lru():
 
 
 def test_runner_unavailable_on_cpu_warns_once(monkeypatch):
-    monkeypatch.setattr(gpu_sampling, "_warned", set())
+    monkeypatch.setattr(_native, "_warned", set())
     sampler = make_sampler("cpu")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert graph_runner_for(sampler) is None
-        assert graph_runner_for(sampler) is None
+        assert graph_runner_for(sampler.guided_step, sampler.step_table, sampler._sample_loop) is None
+        assert graph_runner_for(sampler.guided_step, sampler.step_table, sampler._sample_loop) is None
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "CUDA" in messages[0]
 
@@ -94,21 +103,21 @@ def test_runner_unavailable_on_cpu_warns_once(monkeypatch):
 def test_loop_body_matches_torch_path_with_the_kernels_noise(options, device):
     sampler = make_sampler(device, n_steps=12, **options)  # 12 steps: both the clamped tail and t > 10
     start = torch.randn(2, O, device=device)
-    x, a, change = run_loop(sampler, start, seed=5)
+    x, a, change, bad = run_loop(sampler, start, seed=5)
     noise = kernel_noise(5, 12, 2, 3, device)
     batch = sampler.sample(start, normalized=True, noise=noise)
     torch.testing.assert_close(x[..., :O], batch.observations_normalized, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x[..., O], batch.rewards_normalized, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a, batch.actions_normalized, atol=1e-5, rtol=1e-5)
-    assert change.shape == x.shape
+    assert change.shape == x.shape and not bad
 
 
 def test_loop_body_seeds(device):
     sampler = make_sampler(device)
     start = torch.randn(2, O, device=device)
-    x1, a1, _ = run_loop(sampler, start, seed=1)
-    x1b, a1b, _ = run_loop(sampler, start, seed=1)
-    x2, a2, _ = run_loop(sampler, start, seed=2)
+    x1, a1, _, _ = run_loop(sampler, start, seed=1)
+    x1b, a1b, _, _ = run_loop(sampler, start, seed=1)
+    x2, a2, _, _ = run_loop(sampler, start, seed=2)
     assert torch.equal(x1, x1b) and torch.equal(a1, a1b)
     assert not torch.equal(x1, x2) and not torch.equal(a1, a2)
     torch.testing.assert_close(x1[:, 0, :O], start, atol=0, rtol=0)  # first observation pinned
@@ -116,14 +125,12 @@ def test_loop_body_seeds(device):
 
 def test_sampler_with_triton_ops_matches_torch_ops(device):
     """The row-level kernels plug into the sampler's own loop (what backend 'triton' runs with explicit noise)."""
-    from polygrad_fast.sampler import _triton_ops
-
     start = torch.randn(2, O, device=device)
     noise = SamplerNoise.draw(12, 2, 3, O + 2, A, generator=torch.Generator(device).manual_seed(3), device=device)
     torch_path = make_sampler(device, n_steps=12).sample(start, normalized=True, noise=noise)
-    triton_ops = make_sampler(device, n_steps=12)
-    triton_ops._ops = _triton_ops()
-    fused = triton_ops.sample(start, normalized=True, noise=noise)
+    fused_sampler = make_sampler(device, n_steps=12)
+    fused_sampler.guided_step.ops = triton_ops()
+    fused = fused_sampler.sample(start, normalized=True, noise=noise)
     torch.testing.assert_close(fused.observations_normalized, torch_path.observations_normalized, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.actions_normalized, torch_path.actions_normalized, atol=1e-5, rtol=1e-5)
 
@@ -132,14 +139,14 @@ def test_sampler_with_triton_ops_matches_torch_ops(device):
 @needs_gpu
 def test_graph_replay_equals_eager_loop():
     sampler = make_sampler("cuda", backend="triton", denoiser_dtype="bfloat16", policy_dtype="bfloat16")
-    runner = graph_runner_for(sampler)
+    runner = sampler._graph_runner
     start = torch.randn(4, O, device="cuda")
     g = torch.tensor(0.5, device="cuda")
-    x, a, _ = runner.sample(start, 3, g, seed=9)
-    x_eager, a_eager, _ = run_loop(sampler, start, seed=9)
+    x, a, _, _ = runner.sample(start, 3, g, seed=9)
+    x_eager, a_eager, _, _ = run_loop(sampler, start, seed=9)
     torch.testing.assert_close(x, x_eager, **GRAPH_TOL)
     torch.testing.assert_close(a, a_eager, **GRAPH_TOL)
-    x_again, _, _ = runner.sample(start, 3, g, seed=9)  # replay of the cached graph
+    x_again, _, _, _ = runner.sample(start, 3, g, seed=9)  # replay of the cached graph
     torch.testing.assert_close(x_again, x, atol=0, rtol=0)
     runner.sample(torch.randn(2, O, device="cuda"), 3, g, seed=9)
     assert runner._graphs.keys() == [(4, 3), (2, 3)] and runner.enabled
@@ -149,16 +156,16 @@ def test_graph_replay_equals_eager_loop():
 @needs_gpu
 def test_graph_follows_guidance_scale_and_weights_without_recapture():
     sampler = make_sampler("cuda", backend="triton")
-    runner = graph_runner_for(sampler)
+    runner = sampler._graph_runner
     start = torch.randn(4, O, device="cuda")
-    x1, a1, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
-    x2, a2, _ = runner.sample(start, 3, torch.tensor(2.0, device="cuda"), seed=3)
+    x1, a1, _, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
+    x2, a2, _, _ = runner.sample(start, 3, torch.tensor(2.0, device="cuda"), seed=3)
     assert not torch.equal(a1, a2)
     with torch.no_grad():
         for p in sampler.denoiser.parameters():
             p.mul_(0.5)
-    x3, _, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
-    x3_eager, _, _ = run_loop(sampler, start, seed=3)
+    x3, _, _, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
+    x3_eager, _, _, _ = run_loop(sampler, start, seed=3)
     torch.testing.assert_close(x3, x3_eager, **GRAPH_TOL)
     assert len(runner._graphs) == 1
 

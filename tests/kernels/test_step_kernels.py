@@ -1,4 +1,5 @@
-"""The fused kernels against their reference twins, element by element, with explicit noise.
+"""The fused kernels against the reference's paper-style twins (step t) and against the torch row-level ops they
+fuse (polygrad_fast.step_ops), element by element, with explicit noise.
 
 Runs under the Triton interpreter without a GPU (see conftest.py), so shapes stay tiny and each call is one or a
 few programs. fp32 must agree to 1e-6; bf16 inputs are compared with the twin run on the upcast values.
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from polygrad_fast.kernels import action_update_at, guided_action_update, guided_state_update, q_sample, state_update_at
+from polygrad_fast import step_ops as torch_ops
 from polygrad_fast.reference import step_ops as ref
 from polygrad_fast.schedule import NoiseSchedule
 
@@ -81,17 +83,18 @@ def test_state_update_matches_twin(B, H, device, table):
 
 
 def test_row_level_ops_match_twins(device, table):
-    """The ops the sampler swaps in: step t resolved by the caller into (coef row, clip switch, noise, last)."""
+    """The ops the sampler swaps in: step t resolved by the caller into (coef row, clip switch, noise, last),
+    against the torch ops of the same signature."""
     states, acts = _state_inputs(3, 10, device), _action_inputs(3, 10, device, per_dim_std=True)
     coef = table[7].to(device)
     for clip, with_noise, sfg in itertools.product((0.25, None), (True, False), ref.STATES_FOR_GUIDANCE):
         args = dict(states, coef=coef, clip_state_change=clip, states_for_guidance=sfg)
         args["noise"] = args["noise"] if with_noise else None
-        _assert_outputs(state_update_at(**args), ref.state_update_at(**args), torch.float32, FP32_TOL)
-    for gtype, last in itertools.product(ref.GUIDANCE_TYPES, (False, True)):
+        _assert_outputs(state_update_at(**args), torch_ops.state_update_at(**args), torch.float32, FP32_TOL)
+    for gtype, last in itertools.product(torch_ops.GUIDANCE_TYPES, (False, True)):
         args = dict(acts, coef=coef, guidance_scale=0.3, clip_std=2.0, action_noise_scale=0.7, guidance_type=gtype,
                     last=last)
-        _assert_outputs(action_update_at(**args), ref.action_update_at(**args), torch.float32, FP32_TOL)
+        _assert_outputs(action_update_at(**args), torch_ops.action_update_at(**args), torch.float32, FP32_TOL)
 
 
 def test_state_update_clamp_and_noise_paths_are_exercised(device, table):

@@ -1,0 +1,136 @@
+"""One guided reverse step of PolyGRAD's sampler, the one definition every fast loop runs.
+
+Step t (the paper's policy-guided sampling algorithm): the denoiser predicts x0 from (x_t, sqrt(abar_t) a_t, t);
+the state half moves x_t to the posterior mean mu (its change clamped for t <= 10) plus sigma_t noise; the policy
+is evaluated on the guide states (x0 or mu); the action half takes one guidance step a += w (mu_pi - a) / sigma_pi^2
+(the gradient of log pi(a|s) for a diagonal Normal policy) plus noise. ``GuidedStep`` holds the callables, the
+normaliser, the config and the two row-level ops (``StepOps``: torch's ``polygrad_fast.step_ops`` or the fused
+kernels); ``FastGuidedSampler``'s loop (eager or compiled) and the CUDA-graph loop (``gpu_sampling``) both call it.
+
+Shapes: B batch, H horizon, O obs dim, D = O + 2, A action dim, T diffusion steps.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from .denoisers import Denoiser
+from .normalizer import Normalizer
+from .policy import policy_distribution
+from .step_ops import CLIP_STATE_CHANGE_MAX_T, COEF1, COEF2, SIGMA, SQRT_ABAR, action_update_at, impose_start_obs, \
+    state_update_at
+
+
+class StepOps(NamedTuple):
+    """The two row-level ops of a step, with the signatures of ``step_ops.state_update_at`` and
+    ``step_ops.action_update_at``; a backend swaps them as a pair (the fused kernels also take ``seed``, ``step``)."""
+
+    state_update: Callable
+    action_update: Callable
+
+
+TORCH_OPS = StepOps(state_update_at, action_update_at)
+
+
+def triton_ops() -> StepOps:
+    """The fused Triton kernels' row-level ops (imports ``polygrad_fast.kernels``, which decorates them)."""
+    from . import kernels
+
+    return StepOps(kernels.state_update_at, kernels.action_update_at)
+
+
+def check_policy_output(mean, std, states_shape: torch.Size, act_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of a policy on states [..., O], checked to be tensors with mean [..., A] and std broadcastable
+    to it (shapes only: no host sync). Raises TypeError/ValueError saying what was expected and what was given."""
+    for name, v in (("mean", mean), ("std", std)):
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"the policy's {name} must be a torch.Tensor, got {type(v).__name__}")
+    want = torch.Size(states_shape[:-1]) + (act_dim,)
+    broadcasts = std.dim() <= len(want) and all(s in (1, w) for s, w in zip(reversed(std.shape), reversed(want)))
+    if mean.shape != want or not broadcasts:
+        raise ValueError(f"the policy returned mean {list(mean.shape)} and std {list(std.shape)} for states "
+                         f"{list(states_shape)}; expected mean {list(want)} (action dim {act_dim}) and a std "
+                         "broadcastable to it")
+    return mean, std
+
+
+def change_metrics(change: torch.Tensor) -> dict[str, torch.Tensor]:
+    """avg/max/min/std of |posterior mean - x| at the last step, 0-dim device tensors."""
+    c = change.abs()
+    return {"avg_change": c.mean(), "max_change": c.max(), "min_change": c.min(), "std_change": c.std()}
+
+
+class GuidedStep:
+    """One reverse step: ``step(x, a, step_input, start, coef, g, clip, state_noise, action_noise, last, bad)``.
+
+    denoiser: ``denoiser(x [B,H,D], a [B,H,A], step_input)`` -> x0 [B,H,D]; a polygrad_fast ``Denoiser`` runs
+    ``forward_embedded`` on its precomputed time-embedding row, anything else gets the step vector t [B]
+    (``step_inputs``). policy: raw guide states [B,H,O] -> fp32 (mean, std) over raw actions. grad_policy: the
+    live policy, differentiated for the ``update_states`` ablation. config: a ``SamplerConfig``.
+    """
+
+    def __init__(self, denoiser: Callable, policy: Callable, normalizer: Normalizer, config, ops: StepOps = TORCH_OPS,
+                 grad_policy: Callable | None = None):
+        self.denoiser, self.policy, self.normalizer, self.config, self.ops = denoiser, policy, normalizer, config, ops
+        self.grad_policy = grad_policy
+        self.embeds_time = isinstance(denoiser, Denoiser)
+        self.denoise = denoiser.forward_embedded if self.embeds_time else denoiser  # (x, a, step_input) -> x0
+        obs, act = normalizer["observations"], normalizer["actions"]
+        self._obs_stats, self._act_stats = (obs.mean, obs.scale), (act.mean, act.scale)
+        self.act_dim = normalizer.act_dim
+
+    def step_inputs(self, n_steps: int, batch: int, device: torch.device) -> list[torch.Tensor]:
+        """What the denoiser gets at each step t (list index t): time_embedding(t) [1, E], or t [B]."""
+        steps = torch.arange(n_steps, device=device)
+        if self.embeds_time:
+            return list(self.denoiser.time_embedding(steps)[:, None].unbind(0))
+        return list(steps[:, None].expand(n_steps, batch).contiguous().unbind(0))
+
+    def clip_state_change_at(self, t: int) -> float | None:
+        """The state-change clamp of step t: the config's value for t <= 10, else None."""
+        return self.config.clip_state_change if t <= CLIP_STATE_CHANGE_MAX_T else None
+
+    def __call__(self, x, a, step_input, start, coef, g, clip_state_change, state_noise, action_noise, last: bool,
+                 bad, seed=None, step: int | None = None):
+        """x [B,H,D], a [B,H,A] at step t; start [B,O] normalised; coef = step_table[t] [4]; g the guidance scale
+        (0-dim tensor); clip_state_change ``clip_state_change_at(t)``; state/action noise [B,H,D]/[B,H,A] (state
+        None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise; last = (t == 0); bad:
+        bool 0-dim tensor, OR-ed with "the policy returned a std <= 0 or NaN or a non-finite mean".
+
+        Returns (x_{t-1} [B,H,D], a_{t-1} [B,H,A], mu - x_t at the last step else None, bad).
+        """
+        c = self.config
+        kernel_noise = {} if seed is None else {"seed": seed, "step": step}
+        x0 = self.denoise(x, coef[SQRT_ABAR] * a, step_input)
+        x_next, mean, guide = self.ops.state_update(x, x0, start, coef, *self._obs_stats, clip_state_change,
+                                                    state_noise, c.states_for_guidance, **kernel_noise)
+        change = mean - x if last else None
+        if last and c.clip_std is None or not last and c.guidance_type == "none":
+            return x_next, a, change, bad  # the action update is the identity: skip the policy forward
+        p_mean, p_std = check_policy_output(*self.policy(guide), guide.shape, self.act_dim)
+        bad = bad | ~((p_std > 0).all() & torch.isfinite(p_mean).all())
+        a_next = self.ops.action_update(a, p_mean, p_std, *self._act_stats, coef, g, c.clip_std, action_noise,
+                                        c.action_noise_scale, c.guidance_type, last, **kernel_noise)
+        if c.update_states and not last:
+            # the guided raw action before its noise, at which the ablation differentiates log pi
+            a_guided = self.normalizer.unnormalize(a_next - c.action_noise_scale * coef[SIGMA] * action_noise,
+                                                   "actions")
+            x_next = self._update_guide_states(x, impose_start_obs(x0, start), mean, a_guided, start, coef, g,
+                                               state_noise)
+        return x_next, a_next, change, bad
+
+    def _update_guide_states(self, x, x_recon, mean, a_guided, start, coef, g, state_noise) -> torch.Tensor:
+        """The ``update_states`` ablation: guide states s += w grad_s log pi(a_guided | s) (autograd on the live
+        policy, normalised s) replace x_recon's observation columns; the posterior mean is recomputed without the
+        t <= 10 clamp (as the paper's code). x, x_recon, mean [B,H,D]; a_guided [B,H,A] raw. Returns x_{t-1}."""
+        obs_dim = start.shape[-1]
+        guide = (x_recon if self.config.states_for_guidance == "recon" else mean)[..., :obs_dim].detach().clone()
+        guide.requires_grad_(True)
+        with torch.enable_grad():
+            dist = policy_distribution(self.grad_policy(self.normalizer.unnormalize(guide, "observations")))
+            dist.log_prob(a_guided).sum().backward()
+        x_recon = x_recon.clone()
+        x_recon[..., :obs_dim] = (guide + g * guide.grad).detach()
+        x_recon = impose_start_obs(x_recon, start)
+        return impose_start_obs(coef[COEF1] * x_recon + coef[COEF2] * x + coef[SIGMA] * state_noise, start)
