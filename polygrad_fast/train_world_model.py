@@ -208,10 +208,23 @@ class WorldModelRun:
         self.env.close()
 
 
+def check_buildable(cfg: WorldModelRunConfig) -> None:
+    """Build the run's networks and tuner once on the meta device (no memory, no data), so that a value only their
+    constructors check fails before the run directory is touched."""
+    env = SimStateEnv(cfg.env)
+    O, A = env.obs_dim, env.act_dim
+    env.close()
+    with torch.device("meta"):
+        build_denoiser(cfg.denoiser, cfg.horizon, O + 2, A)
+        Actor(O, A)
+    GuidanceScaleTuner(cfg.sampler.guidance_scale, lr=cfg.guidance_tuning_lr)
+
+
 def run(cfg: WorldModelRunConfig, logdir: str | Path, overwrite: bool = False, progress: bool = True,
         tensorboard: bool = False) -> dict[str, float]:
     """Run (or resume, or refuse: ``run_dir.prepare_run_dir``) the world-model run of ``cfg`` in ``logdir``;
     returns the last evaluation's metrics."""
+    check_buildable(cfg)
     resumed = prepare_run_dir(logdir, cfg, overwrite=overwrite)
     wm = WorldModelRun(cfg, logdir, progress=progress, tensorboard=tensorboard, resume=resumed)
     if wm.resumed:
@@ -232,6 +245,11 @@ DESCRIPTION = ("Train a PolyGRAD trajectory-diffusion world model on a MuJoCo ta
 def cli(argv: list[str] | None = None, prog: str = "polygrad-fast train-wm") -> None:
     """The ``train-wm`` command line (``polygrad_fast.cli`` runs it)."""
     preset, cfg, opts = parse_run(argv, prog, DESCRIPTION, WorldModelRunConfig, PRESETS, DEFAULT_PRESET)
+    try:
+        check_buildable(cfg)
+    except (ValueError, TypeError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     logdir = opts.logdir or Path(f"runs/{cfg.env}/{preset}_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
     final = run(cfg, logdir, overwrite=opts.overwrite, progress=opts.progress, tensorboard=opts.tensorboard)
     h = cfg.horizon - 1

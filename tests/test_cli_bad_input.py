@@ -39,6 +39,9 @@ CASES = [
     (["--seed", "abc"], "Error parsing --seed: invalid literal for int() with base 10: 'abc'"),
     (["--horizon", "2.5"], "Error parsing --horizon: invalid literal for int() with base 10: '2.5'"),
     (["--sampler.clip_std", "-1"], "clip_std"),
+    (["--denoiser.hidden_dim", "0"], "invalid MLPDenoiserConfig"),  # checked by building it on the meta device
+    (["--denoiser.dropout", "2"], "dropout must be in [0, 1), got 2.0"),
+    (["--trainer.batch_size", "0"], "batch_size must be >= 1, got 0"),
     (["--sampler.guidance_scale", "0"], "sampler.guidance_scale must be > 0"),
     (["--trainer.mixed_precision", "fp16"], "mixed_precision 'fp16' needs a CUDA device"),
     (["--execution.backend", "triton"], "backend 'triton' (from the backend option) needs a CUDA device"),

@@ -156,12 +156,16 @@ def test_sigkilled_run_resumes_to_the_same_final_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_trained_world_model_beats_persistence(tmp_path):
-    """hopper-cpu shortened to 3000 steps: the last evaluation's step-wise dynamics MSE is below persistence's at
-    every reported step, with margin (measured: MARGIN_NOTE)."""
-    cfg = dataclasses.replace(get_preset("hopper-cpu"), train_steps=3000, eval_interval=1000,
-                              checkpoint_interval=3000, log_interval=500)
+    """hopper-cpu reduced to a few minutes on one thread of a loaded 2-core host (MLP 256x3, T=32, batch 128,
+    lr 1e-3, no EMA lag, 1500 steps): at the last evaluation the step-wise dynamics MSE is below 0.6 x
+    persistence's at every step k = 1..9. Measured: ratios 0.17-0.37 at 1500 steps (0.25-0.50 at 1000, 0.17-0.28
+    at 2000), so a model that stopped learning fails and seed-level noise does not."""
+    base = get_preset("hopper-cpu")
+    cfg = dataclasses.replace(
+        base, n_diffusion_steps=32, train_steps=1500, eval_interval=1500, log_interval=500, checkpoint_interval=1500,
+        denoiser=dataclasses.replace(base.denoiser, hidden_dim=256, num_layers=3),
+        trainer=dataclasses.replace(base.trainer, batch_size=128, lr=1e-3, step_start_ema=10**9))
     final = twm.run(cfg, tmp_path / "run", progress=False)
-    for k in range(1, cfg.horizon):
-        model = final[f"errors/dynamics_mse_{k:04d}_step"]
-        still = final[f"errors/persistence_dynamics_mse_{k:04d}_step"]
-        assert model < 0.7 * still, (k, model, still)
+    ratios = {k: final[f"errors/dynamics_mse_{k:04d}_step"] / final[f"errors/persistence_dynamics_mse_{k:04d}_step"]
+              for k in range(1, cfg.horizon)}
+    assert max(ratios.values()) < 0.6, ratios
