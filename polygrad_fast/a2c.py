@@ -179,6 +179,10 @@ class A2CTrainer:
     def __init__(self, actor: Actor, critic: Critic, config: A2CConfig = A2CConfig()):
         if not isinstance(config, A2CConfig):
             raise TypeError(f"config must be an A2CConfig, got {type(config).__name__}")
+        # the update reads the actor's std parameterisation and both networks' configs (saved in the state dict)
+        if not isinstance(actor, Actor) or not isinstance(critic, Critic):
+            raise TypeError(f"need a policy.Actor and a policy.Critic, got {type(actor).__name__} and "
+                            f"{type(critic).__name__}")
         self.config = config
         self.actor, self.critic = actor, critic
         params = list(actor.parameters())

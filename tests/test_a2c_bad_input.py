@@ -279,3 +279,8 @@ def test_two_trainers_loaded_from_one_state_dict_share_no_optimizer_state(warm_s
     a, b = warm_trainer(state), warm_trainer(state, seed=11)
     assert a.update(batch(3)) == b.update(batch(3))
     assert_tree_equal(snapshot(a), snapshot(b))
+
+
+def test_trainer_rejects_other_network_types():
+    with pytest.raises(TypeError, match="need a policy.Actor and a policy.Critic, got Linear and Critic"):
+        A2CTrainer(torch.nn.Linear(O, A), Critic(O, hidden=8))
