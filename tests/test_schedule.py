@@ -146,17 +146,7 @@ def test_float32_tables_differ_from_float64_by_a_bounded_amount(tau):
     assert rel["alphas_cumprod"] > 10 * F32_ULP and rel["posterior_mean_coef1"] > 100 * F32_ULP
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny networks: a second thread gains nothing, and on a busy 2-core machine torch's 2-thread pool stalls
-    # (this test: 2.5 s on one thread, 34 s on two under load).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_precision_moves_sampled_trajectories_by_about_1e_3(one_thread):
+def test_precision_moves_sampled_trajectories_by_about_1e_3(one_torch_thread):
     """Same denoiser, policy and noise (one generator seed), T = 128 (tau = 0.1 as for Hopper): only the schedule's precision differs.
 
     Measured (B = 8, H = 10, O = 11, A = 3, random 64x2 residual-MLP denoiser whose x0 is O(0.4), grad guidance
