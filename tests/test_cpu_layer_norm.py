@@ -176,7 +176,6 @@ def test_thread_counts_give_identical_bits(dtype):
                        outs[1].view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
 
 
-@needs_native
 def _cpu_has(flag: str) -> bool:
     try:
         with open("/proc/cpuinfo") as f:
@@ -185,8 +184,9 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
+@needs_native
 def test_portable_paths_match_twin_in_a_subprocess():
-    """The AVX-512 kernel is what this machine runs; the portable (auto-vectorised) kernel and the integer bf16
+    """The AVX-512 kernel (where the CPU has it) is the default; the portable (auto-vectorised) kernel and the integer bf16
     rounding (CPUs without AVX512-BF16) are chosen once per process, so check them in child processes."""
     script = textwrap.dedent(f"""
         import sys, torch
