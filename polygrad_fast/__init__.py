@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     # imagination
     "FastGuidedSampler": "sampler", "SamplerConfig": "sampler", "ImaginedBatch": "sampler",
-    "SamplerNoise": "sampler", "ExecutionOptions": "backend", "select_backend": "backend",
+    "SamplerNoise": "noise", "ExecutionOptions": "backend", "select_backend": "backend",
     # world model
     "NoiseSchedule": "schedule", "Normalizer": "normalizer",
     "ResidualMLPDenoiser": "denoisers", "MLPDenoiserConfig": "denoisers", "TransformerDenoiser": "denoisers",
@@ -49,7 +49,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real objects
     from .presets import PRESETS, WorldModelRunConfig, get_preset
     from .run_dir import prepare_run_dir
     from .run_logging import RunLogger
-    from .sampler import FastGuidedSampler, ImaginedBatch, SamplerConfig, SamplerNoise
+    from .noise import SamplerNoise
+    from .sampler import FastGuidedSampler, ImaginedBatch, SamplerConfig
     from .schedule import NoiseSchedule
     from .train_world_model import WorldModelRun
 

@@ -88,7 +88,7 @@ def test_import_is_light_and_every_public_name_resolves():
     from polygrad_fast import ExecutionOptions, FastGuidedSampler, SamplerNoise, TrajectoryBuffer
 
     assert FastGuidedSampler.__module__ == "polygrad_fast.sampler" and ExecutionOptions.__name__ == "ExecutionOptions"
-    assert SamplerNoise is not None and TrajectoryBuffer.__name__ == "TrajectoryBuffer"
+    assert SamplerNoise.__module__ == "polygrad_fast.noise" and TrajectoryBuffer.__name__ == "TrajectoryBuffer"
     with pytest.raises(AttributeError, match="has no attribute 'Nope'"):
         polygrad_fast.Nope  # noqa: B018
 
