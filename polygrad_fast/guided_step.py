@@ -40,17 +40,21 @@ def triton_ops() -> StepOps:
     return StepOps(kernels.state_update_at, kernels.action_update_at)
 
 
-def check_policy_output(mean, std, states_shape: torch.Size, act_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of a policy on states [..., O], checked to be tensors with mean [..., A] and std broadcastable
-    to it (shapes only: no host sync). Raises TypeError/ValueError saying what was expected and what was given."""
+def check_policy_output(mean, std, states: torch.Tensor, act_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of a policy on ``states`` [..., O], checked to be floating tensors on the states' device with
+    mean [..., A] and std broadcastable to it (Python checks only: no host sync). Raises TypeError/ValueError
+    saying what was expected and what was given."""
     for name, v in (("mean", mean), ("std", std)):
-        if not isinstance(v, torch.Tensor):
-            raise TypeError(f"the policy's {name} must be a torch.Tensor, got {type(v).__name__}")
-    want = torch.Size(states_shape[:-1]) + (act_dim,)
+        if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+            got = f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+            raise TypeError(f"the policy's {name} must be a floating-point torch.Tensor, got {got}")
+        if v.device != states.device:
+            raise ValueError(f"the policy's {name} is on {v.device} but the states are on {states.device}")
+    want = states.shape[:-1] + (act_dim,)
     broadcasts = std.dim() <= len(want) and all(s in (1, w) for s, w in zip(reversed(std.shape), reversed(want)))
     if mean.shape != want or not broadcasts:
         raise ValueError(f"the policy returned mean {list(mean.shape)} and std {list(std.shape)} for states "
-                         f"{list(states_shape)}; expected mean {list(want)} (action dim {act_dim}) and a std "
+                         f"{list(states.shape)}; expected mean {list(want)} (action dim {act_dim}) and a std "
                          "broadcastable to it")
     return mean, std
 
@@ -108,7 +112,7 @@ class GuidedStep:
         change = mean - x if last else None
         if last and c.clip_std is None or not last and c.guidance_type == "none":
             return x_next, a, change, bad  # the action update is the identity: skip the policy forward
-        p_mean, p_std = check_policy_output(*self.policy(guide), guide.shape, self.act_dim)
+        p_mean, p_std = check_policy_output(*self.policy(guide), guide, self.act_dim)
         bad = bad | ~((p_std > 0).all() & torch.isfinite(p_mean).all())
         a_next = self.ops.action_update(a, p_mean, p_std, *self._act_stats, coef, g, c.clip_std, action_noise,
                                         c.action_noise_scale, c.guidance_type, last, **kernel_noise)

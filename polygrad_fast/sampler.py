@@ -93,17 +93,16 @@ class ImaginedBatch:
 
 
 class _PolicyCall(nn.Module):
-    """Calls a policy, or its low-precision copy in ``dtype``, on fp32 raw states; returns fp32 (mean, std)."""
+    """Calls a policy, or its low-precision copy in ``dtype``, on fp32 raw states; returns (mean, std) as fp32
+    (floating outputs only: anything else is left for ``check_policy_output`` to reject)."""
 
     def __init__(self, policy: Callable, dtype: torch.dtype | None = None):
         super().__init__()
         self.policy, self.dtype = policy, dtype
 
     def forward(self, states: torch.Tensor):
-        if self.dtype is None:
-            return policy_mean_std(self.policy(states))
-        mean, std = policy_mean_std(self.policy(states.to(self.dtype)))
-        return mean.float(), std.float()
+        mean, std = policy_mean_std(self.policy(states if self.dtype is None else states.to(self.dtype)))
+        return tuple(v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in (mean, std))
 
 
 def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
@@ -143,6 +142,13 @@ class FastGuidedSampler:
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, policy: Callable, normalizer: Normalizer,
                  config: SamplerConfig | None = None, execution: ExecutionOptions | None = None, **options):
         self.config, self.execution = cfg, ex = _split_options(config, execution, options)
+        for name, value, kind in (("denoiser", denoiser, nn.Module), ("schedule", schedule, NoiseSchedule),
+                                  ("normalizer", normalizer, Normalizer)):
+            if not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        if not callable(policy):
+            raise TypeError(f"policy must be callable (raw states -> (mean, std) or a Normal), "
+                            f"got {type(policy).__name__}")
         params = list(denoiser.parameters())
         self.device = params[0].device if params else normalizer.device
         if normalizer.device != self.device:
@@ -402,5 +408,5 @@ def _standardized_action_stats(policy: Callable, obs: torch.Tensor, actions: tor
     """
     if obs.shape[1] > 1:
         obs, actions = obs[:, :-1], actions[:, :-1]
-    mean, std = check_policy_output(*policy_mean_std(policy(obs)), obs.shape, actions.shape[-1])
+    mean, std = check_policy_output(*policy_mean_std(policy(obs)), obs, actions.shape[-1])
     return standardized_action_moments((actions - mean) / std), ~((std > 0).all() & torch.isfinite(mean).all())
