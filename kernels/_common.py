@@ -62,12 +62,6 @@ def device_scalar(value, device: torch.device, dtype: torch.dtype) -> torch.Tens
     return torch.full((), value, dtype=dtype, device=device)
 
 
-def check_step(t: int, step_table: torch.Tensor) -> None:
-    """ValueError unless step_table is [T, 4] and 0 <= t < T."""
-    if step_table.dim() != 2 or step_table.shape[1] != 4 or not 0 <= t < step_table.shape[0]:
-        raise ValueError(f"need step_table [T,4] and 0 <= t < T, got {tuple(step_table.shape)} and t={t}")
-
-
 def check_noise_source(noise: torch.Tensor | None, seed, step: int | None, shape: torch.Size) -> None:
     """ValueError unless the noise comes from at most one source: a tensor of ``shape`` or (seed, step)."""
     if noise is not None and seed is not None:

@@ -1,8 +1,7 @@
 """Kernel B: the action half of one guided reverse step in one pass.
 
 Fuses ``polygrad_fast.step_ops.action_update_at`` (t resolved by the caller into the coefficient row and
-``last``); ``guided_action_update`` takes t itself, with the signature of its paper-style twin
-``reference.step_ops.guided_action_update``. Tile: [BLOCK_R rows of B*H, BLOCK_A >= A columns]; math in fp32. Closed-form
+``last``). Tile: [BLOCK_R rows of B*H, BLOCK_A >= A columns]; math in fp32. Closed-form
 guidance for the Normal policy: d/da log N(a; mean, std) = (mean - a) / std^2, no autograd.
 """
 from __future__ import annotations
@@ -12,7 +11,7 @@ import triton
 import triton.language as tl
 
 from ..step_ops import GUIDANCE_TYPES
-from ._common import (ACTION_STREAM, SIGMA_COL, check_noise_source, check_same_device, check_step, device_scalar,
+from ._common import (ACTION_STREAM, SIGMA_COL, check_noise_source, check_same_device, device_scalar,
                       row_block, rows_per_program, standard_normal)
 
 _GRAD, _NONE = (tl.constexpr(GUIDANCE_TYPES.index(g)) for g in ("grad", "none"))
@@ -132,28 +131,3 @@ def action_update_at(
                               noise, action_noise_scale, guidance_type, last, seed, step)
     _guided_action_update_kernel[grid](**args)
     return args["out_ptr"]
-
-
-def guided_action_update(
-    actions: torch.Tensor,
-    policy_mean: torch.Tensor,
-    policy_std: torch.Tensor,
-    act_mean: torch.Tensor,
-    act_scale: torch.Tensor,
-    t: int,
-    step_table: torch.Tensor,
-    guidance_scale: float | torch.Tensor,
-    clip_std: float | None,
-    noise: torch.Tensor | None,
-    action_noise_scale: float = 1.0,
-    guidance_type: str = "grad",
-    seed: int | torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``action_update_at`` at step t (twin: ``reference.step_ops.guided_action_update``): the new normalised actions [B,H,A] (actions' dtype).
-
-    Same arguments (see ``action_update_at``). With ``noise=None`` and ``seed`` the noise of step t is drawn in
-    the kernel from (seed, t, element).
-    """
-    check_step(t, step_table)
-    return action_update_at(actions, policy_mean, policy_std, act_mean, act_scale, step_table[t], guidance_scale,
-                            clip_std, noise, action_noise_scale, guidance_type, t == 0, seed=seed, step=t)

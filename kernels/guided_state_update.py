@@ -1,8 +1,7 @@
 """Kernel A: the state half of one guided reverse step in one pass.
 
 Fuses ``polygrad_fast.step_ops.state_update_at`` (t resolved by the caller into the coefficient row, the clip
-switch and the noise); ``guided_state_update`` takes t itself, with the signature of its paper-style twin
-``reference.step_ops.guided_state_update``. Tile: [BLOCK_R rows of B*H, BLOCK_D >= D columns]; math in
+switch and the noise). Tile: [BLOCK_R rows of B*H, BLOCK_D >= D columns]; math in
 fp32, whatever the input dtypes.
 """
 from __future__ import annotations
@@ -11,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..step_ops import CLIP_STATE_CHANGE_MAX_T, STATES_FOR_GUIDANCE
-from ._common import (COEF1_COL, COEF2_COL, SIGMA_COL, STATE_STREAM, check_noise_source, check_same_device, check_step, device_scalar, row_block,
-                      rows_per_program, standard_normal)
+from ..step_ops import STATES_FOR_GUIDANCE
+from ._common import (COEF1_COL, COEF2_COL, SIGMA_COL, STATE_STREAM, check_noise_source, check_same_device,
+                      device_scalar, row_block, rows_per_program, standard_normal)
 
 
 @triton.jit
@@ -119,31 +118,3 @@ def state_update_at(
                               states_for_guidance, seed, step)
     _guided_state_update_kernel[grid](**args)
     return args["x_next_ptr"], args["mean_ptr"], args["guide_ptr"]
-
-
-def guided_state_update(
-    x: torch.Tensor,
-    x0_pred: torch.Tensor,
-    start_obs: torch.Tensor,
-    t: int,
-    step_table: torch.Tensor,
-    obs_mean: torch.Tensor,
-    obs_scale: torch.Tensor,
-    clip_state_change: float | None,
-    noise: torch.Tensor | None,
-    states_for_guidance: str = "recon",
-    seed: int | torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``state_update_at`` at step t (twin: ``reference.step_ops.guided_state_update``): (x_next [B,H,D], mean [B,H,D], guide [B,H,O]).
-
-    Same arguments; outputs have x's dtype. With ``noise=None`` and ``seed`` the noise of step t > 0 is drawn in
-    the kernel from (seed, t, element).
-    """
-    check_step(t, step_table)
-    if t > 0 and noise is None and seed is None:
-        raise ValueError("t > 0 needs noise or a seed")
-    last = t == 0
-    return state_update_at(
-        x, x0_pred, start_obs, step_table[t], obs_mean, obs_scale,
-        clip_state_change if t <= CLIP_STATE_CHANGE_MAX_T else None, None if last else noise, states_for_guidance,
-        seed=None if last else seed, step=t)

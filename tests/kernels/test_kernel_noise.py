@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from polygrad_fast.kernels import guided_action_update, guided_state_update, q_sample
+from polygrad_fast.kernels import action_update_at, q_sample, state_update_at
 from polygrad_fast.schedule import NoiseSchedule
+from polygrad_fast.step_ops import SIGMA
 
 T = 16
 B, H, W = 32, 32, 64  # 65536 samples per draw; W is the feature width of each op's last dim
@@ -23,17 +24,17 @@ def table():
 def action_noise(device, table, seed, t):
     """Kernel B's noise: 'sample' guidance with mean 0, std 1 and identity normalisation returns it unchanged."""
     zeros, ones = torch.zeros(B, H, W, device=device), torch.ones(W, device=device)
-    return guided_action_update(zeros, zeros, ones[None, None], ones * 0, ones, t, table.to(device), 1.0, None, None,
-                                guidance_type="sample", seed=seed)
+    return action_update_at(zeros, zeros, ones[None, None], ones * 0, ones, table[t].to(device), 1.0, None, None, 1.0,
+                            "sample", False, seed=seed, step=t)
 
 
 def state_noise(device, table, seed, t):
     """Kernel A's noise: with x = x0 = 0 the next state is sigma_t * noise (the pinned first step is dropped)."""
     zeros = torch.zeros(B, H, W, device=device)
-    x_next, _, _ = guided_state_update(zeros, zeros, torch.zeros(B, 1, device=device), t, table.to(device),
-                                       torch.zeros(1, device=device), torch.ones(1, device=device), None, None,
-                                       seed=seed)
-    return x_next[:, 1:] / table[t, 3].item()
+    x_next, _, _ = state_update_at(zeros, zeros, torch.zeros(B, 1, device=device), table[t].to(device),
+                                   torch.zeros(1, device=device), torch.ones(1, device=device), None, None,
+                                   seed=seed, step=t)
+    return x_next[:, 1:] / table[t, SIGMA].item()
 
 
 def assert_standard_normal(z):

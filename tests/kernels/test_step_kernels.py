@@ -9,8 +9,8 @@ import itertools
 import pytest
 import torch
 
-from polygrad_fast.kernels import action_update_at, guided_action_update, guided_state_update, q_sample, state_update_at
 from polygrad_fast import step_ops as torch_ops
+from polygrad_fast.kernels import action_update_at, q_sample, state_update_at
 from polygrad_fast.reference import step_ops as ref
 from polygrad_fast.schedule import NoiseSchedule
 
@@ -57,6 +57,21 @@ def _action_inputs(B, H, device, dtype=torch.float32, seed=1, per_dim_std=False)
         act_scale=(torch.rand(A, generator=g) + 0.5).to(device),
         noise=_randn(B, H, A, gen=g, device=device, dtype=dtype),
     )
+
+
+def guided_state_update(x, x0_pred, start_obs, t, step_table, obs_mean, obs_scale, clip_state_change, noise,
+                        states_for_guidance="recon"):
+    """Kernel A at step t, t resolved as the sampler resolves it (the reference twin's signature)."""
+    clip = clip_state_change if t <= torch_ops.CLIP_STATE_CHANGE_MAX_T else None
+    return state_update_at(x, x0_pred, start_obs, step_table[t], obs_mean, obs_scale, clip, None if t == 0 else noise,
+                           states_for_guidance)
+
+
+def guided_action_update(actions, policy_mean, policy_std, act_mean, act_scale, t, step_table, guidance_scale,
+                         clip_std, noise, action_noise_scale=1.0, guidance_type="grad"):
+    """Kernel B at step t (the reference twin's signature)."""
+    return action_update_at(actions, policy_mean, policy_std, act_mean, act_scale, step_table[t], guidance_scale,
+                            clip_std, noise, action_noise_scale, guidance_type, t == 0)
 
 
 def _upcast(inputs):
@@ -186,20 +201,19 @@ def test_non_contiguous_inputs(device, table):
 
 def test_argument_errors(device, table):
     states = _state_inputs(1, 2, device)
-    tab = table.to(device)
+    coef = table[3].to(device)
     with pytest.raises(ValueError, match="states_for_guidance"):
-        guided_state_update(**states, t=3, step_table=tab, clip_state_change=None, states_for_guidance="x")
-    with pytest.raises(ValueError, match="noise or a seed"):
-        guided_state_update(**dict(states, noise=None), t=3, step_table=tab, clip_state_change=None)
+        state_update_at(**states, coef=coef, clip_state_change=None, states_for_guidance="x")
     with pytest.raises(ValueError, match="not both"):
-        guided_state_update(**states, t=3, step_table=tab, clip_state_change=None, seed=1)
-    with pytest.raises(ValueError, match="0 <= t < T"):
-        guided_state_update(**states, t=T, step_table=tab, clip_state_change=None)
+        state_update_at(**states, coef=coef, clip_state_change=None, seed=1, step=3)
     with pytest.raises(ValueError, match="step index"):
-        state_update_at(**dict(states, noise=None), coef=tab[3], clip_state_change=None, seed=1)
+        state_update_at(**dict(states, noise=None), coef=coef, clip_state_change=None, seed=1)
+    with pytest.raises(ValueError, match=r"coef must be one step-table row \[4\]"):
+        state_update_at(**states, coef=table.to(device), clip_state_change=None)
     acts = _action_inputs(1, 2, device)
     with pytest.raises(ValueError, match="guidance_type"):
-        guided_action_update(**acts, t=3, step_table=tab, guidance_scale=1.0, clip_std=None, guidance_type="adam")
+        action_update_at(**acts, coef=coef, guidance_scale=1.0, clip_std=None, action_noise_scale=1.0,
+                         guidance_type="adam", last=False)
     with pytest.raises(ValueError, match="exactly one"):
         q_sample(states["x"], acts["actions"], torch.zeros(1, dtype=torch.long, device=device),
-                 tab[:, 0], tab[:, 1], None)
+                 table[:, 0].to(device), table[:, 1].to(device), None)
