@@ -27,12 +27,11 @@ run rerun into the same directory continues as if it had never stopped.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import random
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -45,9 +44,10 @@ import torch
 from tqdm import tqdm
 
 from .a2c import A2CTrainer
-from .agent_config import AGENT_PRESETS, AgentConfig, get_agent_preset
+from .agent_config import AGENT_PRESETS, AgentConfig
 from .buffer import TrajectoryBuffer
-from .config import apply_overrides, save_config, to_dict
+from .checkpoint import CheckpointManager, capture_rng_states, restore_rng_states
+from .config import to_dict
 from .denoisers import build_denoiser
 from .diffusion_trainer import DiffusionTrainer, NonFiniteUpdateError
 from .envs import SUPPORTED_ENVS, SimStateEnv, random_episodes, run_episode
@@ -55,10 +55,11 @@ from .evaluation import trajectory_errors
 from .guidance import GuidanceScaleTuner
 from .normalizer import FIELDS, Normalizer
 from .policy import Actor, Critic
+from .run_dir import prepare_run_dir
 from .run_logging import RunLogger
 from .sampler import FastGuidedSampler
 from .schedule import NoiseSchedule
-from .train_world_model import window_seed
+from .train_world_model import seed_everything, window_seed
 
 CHECKPOINT_FORMAT = 1
 # buffer-window seed purposes (train_world_model.window_seed): one stream each, reproducible per step
@@ -154,53 +155,10 @@ def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-# ---------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(directory: Path, step: int, state: dict, keep: int) -> Path:
-    """Write ``state`` to ``directory/step_{step:09d}.pt`` atomically (temp file, fsync, rename, fsync dir) and
-    delete all but the newest ``keep`` checkpoints."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"step_{step:09d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink()
-    return path
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temp files of an interrupted write are ignored)."""
-    return sorted(directory.glob("step_*.pt")) if directory.is_dir() else []
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint's state (tensors, numbers, strings and containers only: no pickled code runs)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
+# ---------------------------------------------------------------------------------------------- checkpoint state
 def _tensors(arrays) -> torch.Tensor:
     """A list of equally shaped numpy arrays [L x shape] (or an array) as one tensor [L, *shape]."""
     return torch.from_numpy(np.array(arrays))
-
-
-def numpy_rng_state() -> dict[str, Any]:
-    """numpy's global RNG state with its key as a tensor (checkpointable without pickled numpy objects)."""
-    name, key, pos, has_gauss, gauss = np.random.get_state()
-    return {"name": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def set_numpy_rng_state(state: dict[str, Any]) -> None:
-    np.random.set_state((state["name"], state["key"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
-                         state["gauss"]))
 
 
 # ---------------------------------------------------------------------------------------------- the agent
@@ -209,12 +167,10 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, logdir: str | Path, progress: bool = True, tensorboard: bool = False):
         self.cfg, self.logdir, self.progress = cfg, Path(logdir), progress
-        self.checkpoint_dir = self.logdir / "checkpoints"
+        self.checkpoints = CheckpointManager(self.logdir / "checkpoints", keep_last=cfg.keep_checkpoints)
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)
         self.device = dev = torch.device(cfg.device)
 
         # 1. exploration and evaluation envs (SimStateEnv clips actions; the buffer keeps them unclipped)
@@ -252,29 +208,17 @@ class Agent:
         self.tensorboard = tensorboard
 
     # ------------------------------------------------------------------ start / resume
-    def start(self) -> str:
-        """Resume from the newest checkpoint in the run directory, else prefill; returns 'resumed' or 'fresh'."""
-        self.logdir.mkdir(parents=True, exist_ok=True)
-        config_path = self.logdir / "config.json"
-        if config_path.exists():
-            saved = json.loads(config_path.read_text())
-            if saved != json.loads(json.dumps(to_dict(self.cfg))):
-                diff = sorted(_dict_diff(saved, to_dict(self.cfg)))
-                raise ValueError(f"{self.logdir} holds a run with a different config (differs in {diff}); "
-                                 "use another --logdir or the same config to resume it")
-        save_config(self.cfg, config_path)
-        ckpts = list_checkpoints(self.checkpoint_dir)
-        step = 0
-        if ckpts:
-            state = load_checkpoint(ckpts[-1])
-            self.load_state_dict(state)
-            step = self.env_steps
-        _truncate_metrics(self.logdir / "metrics.jsonl", step)  # records past the checkpoint will be redone
+    def start(self) -> bool:
+        """Resume from the newest checkpoint in the run directory (True), else prefill (False). The directory must
+        hold this run's config (``run_dir.prepare_run_dir``)."""
+        latest = self.checkpoints.latest()
+        if latest is not None:
+            self.load_state_dict(latest[1])
+        _truncate_metrics(self.logdir / "metrics.jsonl", self.env_steps)  # records past it are logged again
         self.logger = RunLogger(self.logdir, tensorboard=self.tensorboard)
-        if ckpts:
-            return "resumed"
-        self.prefill()
-        return "fresh"
+        if latest is None:
+            self.prefill()
+        return latest is not None
 
     def prefill(self) -> None:
         """Step 1: random whole episodes until at least n_prefill_steps transitions; fit the normaliser."""
@@ -487,8 +431,9 @@ class Agent:
         return out
 
     def _fail(self, where: str, detail: str) -> None:
-        last = list_checkpoints(self.checkpoint_dir)
-        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        steps = self.checkpoints.steps()
+        kept = f"the last good checkpoint is {self.checkpoints.path(steps[-1])}" if steps else \
+            "no checkpoint was written yet"
         raise NonFiniteError(f"non-finite value in {where} at env step {self.env_steps}: {detail}; stopping ({kept})")
 
     # ------------------------------------------------------------------ checkpoints
@@ -498,7 +443,7 @@ class Agent:
                              ("EMA denoiser", self.trainer.ema_model)):
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
                 self._fail(f"the {name}'s weights (before checkpointing)", "NaN/inf parameters")
-        path = save_checkpoint(self.checkpoint_dir, self.env_steps, self.state_dict(), self.cfg.keep_checkpoints)
+        path = self.checkpoints.save(self.env_steps, self.state_dict())
         self.timers["checkpoint"] += time.perf_counter() - t0
         return path
 
@@ -512,9 +457,7 @@ class Agent:
             "normalizer": {k: (torch.from_numpy(m), torch.from_numpy(sd)) for k, (m, sd) in
                            self.normalizer.state_dict().items()},
             "buffer": {k: torch.from_numpy(np.asarray(v)) for k, v in self.buffer.state_dict().items()},
-            "rng": {"python": random.getstate(), "numpy": numpy_rng_state(), "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                    **{name: g.get_state() for name, g in self.generators.items()}},
+            "rng": {"process": capture_rng_states(), **{name: g.get_state() for name, g in self.generators.items()}},
             "expl_env": env_state(self.expl_env), "eval_env": env_state(self.eval_env),
             "obs": torch.from_numpy(self.obs), "episode_length": len(ep["rew"]),
             "episode": {k: _tensors(v) for k, v in ep.items() if v},  # the open episode's steps so far
@@ -524,20 +467,15 @@ class Agent:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != CHECKPOINT_FORMAT:
+        if state.get("format") != CHECKPOINT_FORMAT:  # a format this code cannot read is refused, not guessed
             raise ValueError(f"checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-        self.trainer.load_state_dict(state["trainer"])
+        self.trainer.load_state_dict(state["trainer"])  # refuses another config or network shape
         self.a2c.load_state_dict(state["a2c"])
         self.tuner.load_state_dict(state["guidance"])
         self.buffer = TrajectoryBuffer.from_state_dict({k: v.numpy() for k, v in state["buffer"].items()})
         refresh_normalizer(self.normalizer, {k: (m.numpy(), sd.numpy()) for k, (m, sd) in state["normalizer"].items()})
         rng = state["rng"]
-        version, internal, gauss_next = rng["python"]
-        random.setstate((version, tuple(internal), gauss_next))
-        set_numpy_rng_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng_states(rng["process"])
         for name, g in self.generators.items():
             g.set_state(rng[name])
         restore_env_state(self.eval_env, state["eval_env"])
@@ -562,18 +500,6 @@ class Agent:
         self.eval_env.close()
 
 
-def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = set(a) | set(b)
-    out = []
-    for k in keys:
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _dict_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics.jsonl records logged after env step ``step`` (a resumed run logs them again)."""
     if not path.exists():
@@ -585,14 +511,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def run(config: AgentConfig, logdir: str | Path, progress: bool = True, tensorboard: bool = False) -> dict:
-    """Train an agent with ``config`` in ``logdir`` (resuming the run there if it has a checkpoint) and return
-    the final metrics: ``eval/return_mean`` (final evaluation return), the final world-model errors,
-    ``env_steps``, ``wall_seconds`` and the last A2C update's ``agent/*`` metrics."""
+def run(config: AgentConfig, logdir: str | Path, overwrite: bool = False, progress: bool = True,
+        tensorboard: bool = False) -> dict[str, float]:
+    """Train an agent with ``config`` in ``logdir`` and return the final metrics: ``eval/return_mean`` (the final
+    evaluation return), the final world-model errors, ``env_steps``, ``wall_seconds`` and the last A2C update's
+    ``agent/*`` metrics. A directory holding this config resumes from its newest checkpoint; another config is
+    refused (``run_dir.RunDirError`` naming the differing fields) unless ``overwrite``."""
     t0 = time.perf_counter()
+    prepare_run_dir(logdir, config, overwrite=overwrite)
     agent = Agent(config, logdir, progress=progress, tensorboard=tensorboard)
     try:
-        agent.start()
+        if agent.start():
+            print(f"resuming the run in {logdir} at env step {agent.env_steps} of {config.n_env_steps}",
+                  file=sys.stderr, flush=True)
         final = agent.train()
     finally:
         agent.close()
@@ -601,43 +532,31 @@ def run(config: AgentConfig, logdir: str | Path, progress: bool = True, tensorbo
     return final
 
 
-def parse_args(argv=None) -> tuple[AgentConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(
-        prog="python -m polygrad_fast.agent",
-        description="Online RL in imagination with PolyGRAD. Extra key=value arguments override config fields, "
-                    "e.g. a2c.lr_actor=1e-4 seed=2 (nested with dots).")
-    parser.add_argument("--preset", default="pendulum-cpu", choices=sorted(AGENT_PRESETS))
-    parser.add_argument("--logdir", default=None, help="run directory (default runs/agent/<env>/<preset>_seed<N>); "
-                        "rerunning into it resumes from its last checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    pairs = {}
-    for item in args.overrides:
-        if "=" not in item:
-            parser.error(f"override {item!r} is not of the form key=value")
-        key, value = item.split("=", 1)
-        pairs[key] = value
-    try:
-        cfg = apply_overrides(get_agent_preset(args.preset), pairs)
-    except (KeyError, ValueError, TypeError) as exc:
-        parser.error(str(exc))
+DEFAULT_PRESET = "pendulum-cpu"
+DESCRIPTION = ("Online RL in imagination with PolyGRAD: an actor-critic trained on trajectories imagined by "
+               "policy-guided diffusion, on a MuJoCo task. --preset picks the defaults; every config field below "
+               "can be set. Rerunning into the same --logdir resumes the run from its newest checkpoint.")
+
+
+def parse_args(argv: list[str] | None, prog: str = "polygrad-fast train"):
+    """``(preset name, AgentConfig, cli.RunOptions)`` from a command line."""
+    from .cli import parse_run
+
+    return parse_run(argv, prog, DESCRIPTION, AgentConfig, AGENT_PRESETS, DEFAULT_PRESET)
+
+
+def cli(argv: list[str] | None = None, prog: str = "polygrad-fast train") -> None:
+    """The agent's command line (``polygrad_fast.cli`` runs it as a subcommand; ``python -m`` directly)."""
+    preset, cfg, opts = parse_args(argv, prog)
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"device={cfg.device!r} but no CUDA device is available; use device=cpu")
-    if args.logdir is None:
-        args.logdir = f"runs/agent/{cfg.env}/{args.preset}_seed{cfg.seed}"
-    return cfg, args
-
-
-def main(argv=None) -> None:
-    cfg, args = parse_args(argv)
-    final = run(cfg, args.logdir, progress=not args.no_progress, tensorboard=args.tensorboard)
+        print(f"{prog}: error: device={cfg.device!r} but no CUDA device is available; use --device cpu",
+              file=sys.stderr, flush=True)
+        raise SystemExit(2)
+    logdir = opts.logdir or Path(f"runs/agent/{cfg.env}/{preset}_seed{cfg.seed}")
+    final = run(cfg, logdir, overwrite=opts.overwrite, progress=opts.progress, tensorboard=opts.tensorboard)
     print(f"done: {int(final['env_steps'])} env steps on {cfg.env}; final evaluation return "
-          f"{final.get('eval/return_mean', float('nan')):.1f}; {final['wall_seconds']:.0f} s; "
-          f"run directory {args.logdir}")
+          f"{final.get('eval/return_mean', float('nan')):.1f}; {final['wall_seconds']:.0f} s; run directory {logdir}")
 
 
 if __name__ == "__main__":
-    main()
-
+    cli(sys.argv[1:], prog="python -m polygrad_fast.agent")

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from polygrad_fast.agent import (Agent, NonFiniteError, action_scale, env_state, list_checkpoints, load_checkpoint, make_env,
-                                 parse_args, refresh_normalizer, restore_env_state, run)
+from polygrad_fast.a2c import A2CConfig
+from polygrad_fast.agent import (Agent, NonFiniteError, action_scale, env_state, make_env, parse_args,
+                                 refresh_normalizer, restore_env_state, run)
 from polygrad_fast.agent_config import AGENT_PRESETS, AgentConfig, get_agent_preset
-from polygrad_fast.config import apply_overrides, from_dict, to_dict
+from polygrad_fast.checkpoint import CheckpointManager
+from polygrad_fast.config import from_dict, to_dict
+from polygrad_fast.run_dir import RunDirError
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.plotting import plot_runs
 
@@ -66,18 +69,22 @@ def test_config_validation_messages_and_round_trip():
         dataclasses.replace(cfg, env="Pendulum-v9")
     with pytest.raises(ValueError, match="horizon must be an int >= 2, got 1"):
         dataclasses.replace(cfg, horizon=1)
-    with pytest.raises(ValueError, match="lr_actor must be > 0"):  # the nested A2C config is validated too
-        apply_overrides(cfg, {"a2c.lr_actor": "-1"})
+    with pytest.raises(TypeError, match="a2c must be a A2CConfig, got dict"):
+        dataclasses.replace(cfg, a2c={"lr_actor": 1e-3})
     with pytest.raises(KeyError, match="unknown agent preset 'hoper'"):
         get_agent_preset("hoper")
 
 
 def test_cli_parses_preset_and_overrides(capsys):
-    cfg, args = parse_args(["--preset", "debug", "seed=3", "a2c.lr_actor=1e-3", "--logdir", "/tmp/x"])
-    assert (cfg.seed, cfg.a2c.lr_actor, args.logdir) == (3, 1e-3, "/tmp/x")
+    preset, cfg, opts = parse_args(["--preset", "debug", "--seed", "3", "--a2c.lr_actor", "1e-3", "--logdir", "/tmp/x"])
+    assert (preset, cfg.seed, cfg.a2c.lr_actor, str(opts.logdir)) == ("debug", 3, 1e-3, "/tmp/x")
+    assert cfg.horizon == get_agent_preset("debug").horizon  # the preset's values are the defaults
     with pytest.raises(SystemExit):
-        parse_args(["--preset", "debug", "a2c.lr_actr=1"])
-    assert "unknown config key 'a2c.lr_actr'" in capsys.readouterr().err
+        parse_args(["--preset", "debug", "--a2c.lr_actr", "1"])
+    assert "lr_actr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "debug", "--train_agent_ratio", "0.3"])  # AgentConfig's own validation
+    assert "1 / train_agent_ratio must be a whole number" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -151,9 +158,9 @@ def test_debug_run_runs_every_phase(debug_run):
     assert scales and scales[-1] != pytest.approx(cfg.sampler.guidance_scale, rel=1e-6)
     # exploration episodes: each one logged once, and all in the buffer with the prefill
     lengths = [r["expl/length"] for r in records if "expl/length" in r]
-    ckpts = list_checkpoints(logdir / "checkpoints")
-    assert [p.name for p in ckpts] == ["step_000000100.pt", "step_000000200.pt"]  # keep_checkpoints=2
-    state = load_checkpoint(ckpts[-1])
+    ckpts = CheckpointManager(logdir / "checkpoints")
+    assert ckpts.steps() == [100, 200]  # every 100 env steps, keep_checkpoints=2
+    state = ckpts.latest()[1]
     open_len = state["episode_length"]
     assert sum(lengths) + open_len == 200
     buffered = int(np.asarray(state["buffer"]["episode_lengths"]).sum())
@@ -172,8 +179,8 @@ def test_resume_from_checkpoint_matches_uninterrupted(debug_run, tmp_path):
     for name in ("config.json", "metrics.jsonl"):
         (resumed_dir / name).write_bytes((logdir / name).read_bytes())
     (resumed_dir / "checkpoints").mkdir()
-    (resumed_dir / "checkpoints" / "step_000000100.pt").write_bytes(
-        (logdir / "checkpoints" / "step_000000100.pt").read_bytes())
+    name = CheckpointManager(logdir / "checkpoints").path(100).name
+    (resumed_dir / "checkpoints" / name).write_bytes((logdir / "checkpoints" / name).read_bytes())
     again = run(get_agent_preset("debug"), resumed_dir, progress=False)
     assert _final_without_timing(again) == _final_without_timing(final)
     assert _deterministic(_records(resumed_dir)) == _deterministic(_records(logdir))
@@ -184,8 +191,10 @@ def test_rerun_with_another_config_is_refused(debug_run, tmp_path):
     target = tmp_path / "other"
     target.mkdir()
     (target / "config.json").write_bytes((logdir / "config.json").read_bytes())
-    with pytest.raises(ValueError, match=r"different config \(differs in \['a2c.lr_actor'\]\)"):
-        run(apply_overrides(get_agent_preset("debug"), {"a2c.lr_actor": "1e-4"}), target, progress=False)
+    other = dataclasses.replace(get_agent_preset("debug"), a2c=A2CConfig(lr_actor=1e-4))
+    with pytest.raises(RunDirError, match=r"different config(.|\n)*a2c.lr_actor: 0.001 \(saved\) -> 0.0001"):
+        run(other, target, progress=False)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]  # nothing was touched
 
 
 def test_nan_stops_the_run_naming_where_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -200,17 +209,17 @@ def test_nan_stops_the_run_naming_where_and_keeps_the_last_good_checkpoint(tmp_p
     try:
         agent.start()
         with pytest.raises(NonFiniteError, match=r"the diffusion training step at env step 120: metrics \['loss'\].*"
-                                                 r"last good checkpoint is .*step_000000100\.pt"):
+                                                 r"last good checkpoint is .*step_0000000100\.pt"):
             agent.train()
     finally:
         agent.close()
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_000000100.pt"]
-    assert load_checkpoint(tmp_path / "checkpoints" / "step_000000100.pt")["env_steps"] == 100
+    ckpts = CheckpointManager(tmp_path / "checkpoints")
+    assert ckpts.steps() == [100] and ckpts.latest()[1]["env_steps"] == 100
 
 
 @pytest.mark.slow
 def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
-    args = ["--preset", "debug", "--no-progress", "n_env_steps=400", "checkpoint_interval=40"]
+    args = ["--preset", "debug", "--no_progress", "--n_env_steps", "400", "--checkpoint_interval", "40"]
     cmd = [sys.executable, "-m", "polygrad_fast.agent", *args]
     env = dict(os.environ, PYTHONHASHSEED="0")
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -218,8 +227,8 @@ def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(tmp_path):
     proc = subprocess.Popen([*cmd, "--logdir", str(killed)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and not any(p.name >= "step_000000120.pt"
-                                             for p in list_checkpoints(killed / "checkpoints")):
+    while time.time() < deadline and not any(p.name >= "step_0000000120.pt"  # complete ones only (no temp files)
+                                             for p in (killed / "checkpoints").glob("step_*.pt")):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
