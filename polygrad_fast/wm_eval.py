@@ -155,13 +155,14 @@ class MethodResult:
 
 # ---------------------------------------------------------------------------------------------- inputs
 def load_policy(path: str | Path, env_name: str) -> Actor:
-    """The actor of an agent checkpoint (``polygrad_fast.agent``: ``a2c.actor_config`` and ``a2c.actor``)."""
-    from .agent import load_checkpoint
-
+    """The actor of an agent checkpoint (``polygrad_fast.agent``: the agent's state, at the top level or under
+    ``state`` as ``checkpoint.CheckpointManager`` writes it, holds ``a2c.actor_config`` and ``a2c.actor``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"policy checkpoint {str(path)!r} does not exist")
-    state = load_checkpoint(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and containers only: no code runs
+    if isinstance(state, dict) and isinstance(state.get("state"), dict):
+        state = state["state"]
     a2c = state.get("a2c") if isinstance(state, dict) else None
     if not isinstance(a2c, dict) or "actor_config" not in a2c or "actor" not in a2c:
         raise ValueError(f"{str(path)!r} is not an agent checkpoint: expected keys a2c.actor_config and a2c.actor")
