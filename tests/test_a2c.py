@@ -155,7 +155,11 @@ def test_losses_hand_computed():
     s = 1 / math.sqrt(2)
     expected = (1.0 * (1.0 * s - 0.1 * 3.0) + 0.5 * (2.0 * -s - 0.1 * 3.0)) / 2
     assert actor_loss(logp, ent, n, w, 0.1).item() == pytest.approx(expected, rel=1e-6)
-    assert actor_loss(logp, None, n, w, 0.1).item() == pytest.approx((s - s) / 2, abs=1e-7)
+    # no entropy term: mean(w · (−log π · Â)); with w = [1, 0.5] the two steps cancel to 0 (a function returning 0
+    # would pass), so weight the second step 0.25: (1·(1·s) + 0.25·(2·−s)) / 2 = s / 4
+    w2 = torch.tensor([[1.0, 0.25]])
+    expected_no_ent = (1.0 * (1.0 * s) + 0.25 * (2.0 * -s)) / 2
+    assert actor_loss(logp, None, n, w2, 0.1).item() == pytest.approx(expected_no_ent, rel=1e-6)
     values, targets = torch.tensor([[1.0, 4.0]]), torch.tensor([[2.0, 2.0]])
     assert critic_loss(values, targets, w).item() == pytest.approx((0.5 * 1 + 0.5 * 0.5 * 4) / 2)
 
@@ -349,8 +353,21 @@ def test_no_line_search_single_step_and_grad_clip():
 def test_actor_lr_adapts_towards_the_target_update():
     # update sizes far below the 0.01 target push the log LR up, but never above log(lr_actor)
     trainer = make_trainer(lr_actor=1e-6, linesearch=False)
-    lrs = [trainer.update(make_batch(seed=s))["lr_actor"] for s in range(3)]
-    assert all(lr <= 1e-6 * (1 + 1e-6) for lr in lrs)  # clamped at the cap
+    sizes, lrs = [], []
+    for s in range(3):
+        m = trainer.update(make_batch(seed=s))
+        sizes.append(m["update_delta_logprob_initial"])
+        lrs.append(m["lr_actor"])
+        # the loss −log_lr · (target − size) has gradient size − target (< 0 here): the AdamW step raises log_lr
+        assert trainer.log_actor_lr.grad is not None, "the learned log actor LR got no gradient"
+        assert trainer.log_actor_lr.grad.item() == pytest.approx(sizes[-1] - 0.01, rel=1e-6)
+    assert max(sizes) < 1e-3  # far below the target, so the direction is unambiguous
+    state = trainer.optimizer_actor_lr.state[trainer.log_actor_lr]
+    assert "exp_avg" in state, "the learned log actor LR never took an AdamW step"
+    assert int(state["step"]) == 3 and state["exp_avg"].item() < 0  # descent on a negative gradient: upwards
+    # ... which the clamp then holds at log(lr_actor)
+    assert trainer.log_actor_lr.item() == pytest.approx(math.log(1e-6), rel=1e-7)
+    assert all(lr == pytest.approx(1e-6, rel=1e-6) for lr in lrs)
     # sizes far above the target push it down
     trainer = make_trainer(lr_actor=1e-1, linesearch=False)
     lrs = [trainer.update(make_batch(seed=s))["lr_actor"] for s in range(3)]
