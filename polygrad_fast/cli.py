@@ -23,6 +23,7 @@ from typing import Annotated, Literal, Mapping, TypeVar
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-wm": ("polygrad_fast.train_world_model:cli",
                  "train a world model on a MuJoCo task; error against the simulator"),
+    "train": ("polygrad_fast.agent:cli", "online RL in imagination: the PolyGRAD agent on a MuJoCo task"),
     "env-report": ("polygrad_fast.env_report:cli", "versions, native build and active backends of this install"),
 }
 

@@ -52,6 +52,14 @@ def test_train_wm_help_lists_every_field_with_type_and_default(capsys):
         assert option in text
 
 
+def test_every_subcommand_has_help(capsys):
+    for name in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+        assert f"usage: polygrad-fast {name}" in capsys.readouterr().out
+
+
 def test_preset_sets_the_defaults_and_flags_override_them():
     for name, preset in PRESETS.items():
         assert parse_run(["--preset", name], "p", "d", WorldModelRunConfig, PRESETS, "hopper-cpu")[1] == preset

@@ -64,7 +64,7 @@ def test_rejected_before_the_run_directory_exists(tmp_path, capsys, args, messag
 def test_unknown_subcommand(capsys):
     assert main(["train-world-model"]) == 2
     err = capsys.readouterr().err
-    assert "unknown subcommand 'train-world-model'; expected one of train-wm, env-report" in err
+    assert "unknown subcommand 'train-world-model'; expected one of train-wm, train, env-report" in err
 
 
 def test_rerun_with_another_config_is_refused_naming_the_fields(tmp_path, capsys):

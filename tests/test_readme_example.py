@@ -56,6 +56,10 @@ def test_readme_running_commands(capsys):
             with pytest.raises(SystemExit):  # refused, with a message, on a machine without a GPU
                 parse_run(rest, name, "", WorldModelRunConfig, PRESETS, DEFAULT_PRESET)
             assert "no CUDA device is available" in capsys.readouterr().err
-        else:  # a run: its command line parses into a valid config
+        elif name == "train":  # the agent: its command line parses into a valid config
+            from polygrad_fast.agent import parse_args
+
+            parse_args(rest)
+        else:  # a world-model run: its command line parses into a valid config
             assert name == "train-wm"
             parse_run(rest, name, "", WorldModelRunConfig, PRESETS, DEFAULT_PRESET)
