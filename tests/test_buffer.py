@@ -358,10 +358,19 @@ def test_rejects_leave_data_intact(backend):
     buf.add_step(o[0], a[0], r[0], s[0])
     with pytest.raises(ValueError, match="an episode is still open"):
         buf.add_episode(o, a, r, s, terminated=True, truncated=False)
-    # torch tensors and float64 input are accepted (converted)
+    # torch tensors and float64 input are accepted (converted) and stored as given: a and r are float32 values
+    # (exact in float64), s goes through float32 (stored as float64)
     buf.end_episode(terminated=False, truncated=True)
     buf.add_episode(torch.from_numpy(o), torch.from_numpy(a).double(), r.astype(np.float64), s.astype(np.float32),
                     terminated=np.bool_(True), truncated=False)
+    np.testing.assert_array_equal(buf.episode_lengths(), [15, 15, 15, 1, 10])  # nothing evicted (56 of 60)
+    sd = buf.state_dict()
+    assert bool(sd["terminated"][-1]) and not bool(sd["truncated"][-1]) and not bool(sd["open_episode"])
+    want = {"observations": o, "actions": a, "rewards": r, "sim_states": s.astype(np.float32).astype(np.float64)}
+    for k, v in want.items():
+        assert sd[k].dtype == (np.float64 if k == "sim_states" else np.float32), k
+        np.testing.assert_array_equal(sd[k][-10:], v, err_msg=k)
+    assert_stats_close(buf)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -427,6 +436,7 @@ def test_save_load_round_trip(backend, tmp_path):
     buf = _filled(backend)
     path = tmp_path / "buf.pgfb"
     buf.save(path)
+    written = snapshot(buf)
     loaded = TrajectoryBuffer.load(path, backend=backend)
     assert loaded.backend == backend
     _assert_same_sampling(buf, loaded)
@@ -437,9 +447,16 @@ def test_save_load_round_trip(backend, tmp_path):
         b.add_episode(*episode(90, 6), terminated=False, truncated=True)
     _assert_same_sampling(buf, loaded)
     assert_same_state(snapshot(buf), snapshot(loaded))
-    # cross-backend: the numpy reference reads what the native one wrote (and vice versa)
-    other = NumpyTrajectoryBuffer.load(path)
-    assert other.num_episodes == TrajectoryBuffer.load(path).num_episodes
+    # cross-backend: the numpy reference reads what the native one wrote (and vice versa): the same stored state,
+    # windows and statistics as the buffer that wrote the file (rebuilt on the writer's backend from its state)
+    other_backend = "numpy" if backend == "native" else "native"
+    if other_backend == "native" and not _native.native_available():
+        other_backend = "numpy"  # no native reader here: at least a second, independent load
+    other = (NumpyTrajectoryBuffer.load(path) if other_backend == "numpy"
+             else TrajectoryBuffer.load(path, backend=other_backend))
+    assert other.backend == other_backend
+    assert_same_state(written, snapshot(other))
+    _assert_same_sampling(TrajectoryBuffer.from_state_dict(written, backend=backend), other)
     assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
 
 
