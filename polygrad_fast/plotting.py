@@ -36,6 +36,18 @@ def eval_curve(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([p[1] for p in pairs], dtype=np.float64)
 
 
+def exploration_curve(records: list[dict], window: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """(env step at each episode's end [E], running mean of the last ``window`` exploration returns [E])."""
+    pairs = [(r["step"], float(r["expl/return"])) for r in records if "expl/return" in r]
+    if not pairs:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    steps, returns = (np.array(c) for c in zip(*pairs))
+    csum = np.concatenate([[0.0], np.cumsum(returns)])
+    idx = np.arange(1, len(returns) + 1)
+    lo = np.maximum(idx - window, 0)
+    return steps.astype(np.int64), (csum[idx] - csum[lo]) / (idx - lo)
+
+
 def error_curve(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(imagination steps k [K], dynamics MSE [K]) of the run's last evaluation that has errors."""
     last = next((r for r in reversed(records) if any(_ERROR_KEY.match(k) for k in r)), None)
@@ -50,7 +62,8 @@ def plot_runs(logdirs: Iterable[str | Path], out_png: str | Path, title: str | N
     """Write a PNG with two panels and return what was drawn.
 
     Left: evaluation return vs env steps, the mean over runs at the evaluation steps all runs reached (min..max
-    band when there are several) and optional horizontal ``reference_lines`` (label -> return). Right: the last
+    band when there are several), each run's exploration returns (running mean, faint) and optional horizontal
+    ``reference_lines`` (label -> return). Right: the last
     evaluation's world-model dynamics MSE vs imagination step k, mean over runs (log scale).
     Returns {'steps', 'return_mean', 'return_min', 'return_max', 'error_steps', 'error_mean'}.
     """
@@ -82,6 +95,11 @@ def plot_runs(logdirs: Iterable[str | Path], out_png: str | Path, title: str | N
     ax_ret.plot(data["steps"], data["return_mean"], marker="o", label=label)
     if len(runs) > 1:
         ax_ret.fill_between(data["steps"], data["return_min"], data["return_max"], alpha=0.25, label="min..max")
+    for i, records in enumerate(runs):  # the stochastic exploration policy's returns, faint, per run
+        steps, smooth = exploration_curve(records)
+        if steps.size:
+            ax_ret.plot(steps, smooth, color="tab:orange", alpha=0.35, linewidth=1,
+                        label="exploration (running mean of 20 episodes)" if i == 0 else None)
     for name, value in (reference_lines or {}).items():
         ax_ret.axhline(value, linestyle="--", color="gray", label=f"{name} ({value:.3g})")
     ax_ret.set_xlabel("env steps")

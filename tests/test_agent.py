@@ -22,7 +22,7 @@ from polygrad_fast.checkpoint import CheckpointManager
 from polygrad_fast.config import from_dict, to_dict
 from polygrad_fast.run_dir import RunDirError
 from polygrad_fast.normalizer import Normalizer
-from polygrad_fast.plotting import plot_runs
+from polygrad_fast.plotting import exploration_curve, plot_runs
 
 GROUPS = ("expl/", "eval/", "agent/", "diffusion/", "imagine/", "errors/", "dataset/", "perf/")
 
@@ -268,5 +268,8 @@ def test_plot_runs_writes_the_curves(tmp_path):
     img = matplotlib.image.imread(out)
     assert img.shape[:2] == (400, 1100)  # figsize 11 x 4 at 100 dpi
     assert img[..., :3].std() > 0.05  # not a blank canvas
+    steps, smooth = exploration_curve([{"step": 5, "expl/return": 2.0}, {"step": 9, "expl/return": 4.0},
+                                       {"step": 20, "expl/return": 9.0}], window=2)
+    assert steps.tolist() == [5, 9, 20] and smooth.tolist() == [2.0, 3.0, 6.5]
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl in run directory"):
         plot_runs([tmp_path / "missing"], tmp_path / "x.png")
