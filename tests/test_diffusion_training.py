@@ -217,9 +217,21 @@ def test_precision_choice():
 
 def test_cpu_bf16_training_step_runs():
     trainer = DiffusionTrainer(small_denoiser(), NoiseSchedule(T), DiffusionTrainerConfig(mixed_precision="bf16"))
-    metrics = trainer.train_step(window_batch(*data()[:2]))
+    assert trainer.precision == "bf16" and not trainer.scaler.is_enabled()
+    # what the denoiser's layers actually computed in: every Linear's output dtype during the step
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+             for m in trainer.model.modules() if isinstance(m, nn.Linear)]
+    try:
+        metrics = trainer.train_step(window_batch(*data()[:2]))
+    finally:
+        for h in hooks:
+            h.remove()
+    # fp32 here: autocast was off or not bf16
+    assert seen and set(seen) == {torch.bfloat16}, f"Linear outputs were {sorted(map(str, set(seen)))}"
     assert torch.isfinite(torch.tensor(list(metrics.values()))).all()
-    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in trainer.model.parameters())
 
 
 def test_state_dict_round_trip_resumes_identically():
