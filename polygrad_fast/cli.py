@@ -30,6 +30,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 C = TypeVar("C")
 
 
+class UsageError(ValueError):
+    """A request that cannot run as given (e.g. a run directory holding another config); ``main`` prints it and
+    exits with status 2."""
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """Where and how a run writes; not part of its config (config.json)."""
@@ -100,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     module, function = SUBCOMMANDS[name][0].split(":")
     entry = getattr(importlib.import_module(module), function)
     prog = f"polygrad-fast {name}"
-    from .run_dir import RunDirError
-
     try:
         entry(rest, prog)
-    except RunDirError as exc:  # e.g. --logdir holds a run of another config
+    except UsageError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

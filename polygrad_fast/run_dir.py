@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .cli import UsageError
 from .config import differences, save_config, to_dict
 
 CONFIG_FILE = "config.json"
 
 
-class RunDirError(ValueError):
+class RunDirError(UsageError):
     """The run directory cannot be used for this run as asked (the message says why and what to do)."""
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .buffer import TrajectoryBuffer
 from .checkpoint import CheckpointManager, capture_rng_states, restore_rng_states
-from .cli import parse_run
+from .cli import UsageError, parse_run
 from .denoisers import build_denoiser
 from .diffusion_trainer import DiffusionTrainer
 from .envs import SimStateEnv, random_episodes
@@ -210,14 +210,17 @@ class WorldModelRun:
 
 def check_buildable(cfg: WorldModelRunConfig) -> None:
     """Build the run's networks and tuner once on the meta device (no memory, no data), so that a value only their
-    constructors check fails before the run directory is touched."""
+    constructors check fails (``cli.UsageError``) before the run directory is touched."""
     env = SimStateEnv(cfg.env)
     O, A = env.obs_dim, env.act_dim
     env.close()
-    with torch.device("meta"):
-        build_denoiser(cfg.denoiser, cfg.horizon, O + 2, A)
-        Actor(O, A)
-    GuidanceScaleTuner(cfg.sampler.guidance_scale, lr=cfg.guidance_tuning_lr)
+    try:
+        with torch.device("meta"):
+            build_denoiser(cfg.denoiser, cfg.horizon, O + 2, A)
+            Actor(O, A)
+        GuidanceScaleTuner(cfg.sampler.guidance_scale, lr=cfg.guidance_tuning_lr)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"{type(cfg).__name__}: {exc}") from exc
 
 
 def run(cfg: WorldModelRunConfig, logdir: str | Path, overwrite: bool = False, progress: bool = True,
@@ -245,11 +248,6 @@ DESCRIPTION = ("Train a PolyGRAD trajectory-diffusion world model on a MuJoCo ta
 def cli(argv: list[str] | None = None, prog: str = "polygrad-fast train-wm") -> None:
     """The ``train-wm`` command line (``polygrad_fast.cli`` runs it)."""
     preset, cfg, opts = parse_run(argv, prog, DESCRIPTION, WorldModelRunConfig, PRESETS, DEFAULT_PRESET)
-    try:
-        check_buildable(cfg)
-    except (ValueError, TypeError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
     logdir = opts.logdir or Path(f"runs/{cfg.env}/{preset}_seed{cfg.seed}_{time.strftime('%Y%m%d-%H%M%S')}")
     final = run(cfg, logdir, overwrite=opts.overwrite, progress=opts.progress, tensorboard=opts.tensorboard)
     h = cfg.horizon - 1
