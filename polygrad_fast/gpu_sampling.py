@@ -13,6 +13,7 @@ module never decorates them (the kernel tests choose the Triton interpreter firs
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import OrderedDict
 from typing import Callable, Hashable
 
@@ -66,7 +67,7 @@ class GuidedLoop:
     which is how the body is tested without a GPU): one ``step`` call per t, its noise drawn inside the kernels,
     so ``step.ops`` must be the fused kernels' (``guided_step.triton_ops()``). step_table [T, 4] on the device.
     Inputs: ``start`` [B,O] normalised, ``seed`` [] int64, ``guidance_scale`` [] fp32. ``run`` returns
-    (x [B,H,D], actions [B,H,A], posterior mean - x at t = 0 [B,H,D], bad-policy flag []).
+    (x [B,H,D], actions [B,H,A], posterior mean - x at t = 0 [B,H,D], the policy's smallest std []).
     """
 
     def __init__(self, step: GuidedStep, step_table: torch.Tensor, batch: int, horizon: int):
@@ -90,13 +91,13 @@ class GuidedLoop:
         x, a = q_sample(self._x_start, self._a_zero, self._init_step, *self._unit_tables, None,
                         action_noise_scale=1.0, obs_dim=O, seed=self.seed)
         step_inputs = step.step_inputs(T, self.batch, dev)  # inside the graph: follows the weights
-        bad = torch.zeros((), dtype=torch.bool, device=dev)
+        std_min = torch.full((), math.inf, device=dev)
         for t in reversed(range(T)):
             last = t == 0
-            x, a, change, bad = step(x, a, step_inputs[t], self.start, self.step_table[t], self.guidance_scale,
-                                     step.clip_state_change_at(t), None, None, last, bad,
-                                     seed=None if last else self.seed, step=t)  # the last step adds no noise
-        return x, a, change, bad
+            x, a, change, std_min = step(x, a, step_inputs[t], self.start, self.step_table[t], self.guidance_scale,
+                                         step.clip_state_change_at(t), None, None, last, std_min,
+                                         seed=None if last else self.seed, step=t)  # the last step: no noise
+        return x, a, change, std_min
 
 
 def _fingerprint(step: GuidedStep, step_table: torch.Tensor) -> tuple:
@@ -115,7 +116,7 @@ class CudaGraphSampler:
     """Replays a captured ``GuidedLoop`` per (batch, horizon); built by ``graph_runner_for``.
 
     ``sample(start, horizon, guidance_scale, generator=None, seed=None)`` returns (x [B,H,D], actions [B,H,A],
-    change metrics, bad-policy flag []), as ``fallback(start, horizon, guidance_scale, generator, None)`` (the
+    change metrics, the policy's smallest std []), as ``fallback(start, horizon, guidance_scale, generator, None)`` (the
     eager loop) does. If a capture fails (e.g. a policy that syncs with the host), one warning is given,
     ``enabled`` turns False and the call, like every later one, runs the fallback.
     """
@@ -149,8 +150,8 @@ class CudaGraphSampler:
             device = generator.device if generator is not None else loop.seed.device
             loop.seed.copy_(torch.randint(SEED_HIGH, (), generator=generator, device=device))
         graph.replay()
-        x, a, change, bad = outputs
-        return x.clone(), a.clone(), change_metrics(change), bad.clone()
+        x, a, change, std_min = outputs
+        return x.clone(), a.clone(), change_metrics(change), std_min.clone()
 
     def _capture(self, batch: int, horizon: int):
         """(loop, graph, outputs): one eager warm-up on a side stream (Triton JIT, cuBLAS, allocator), then capture."""

@@ -66,7 +66,7 @@ def change_metrics(change: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 class GuidedStep:
-    """One reverse step: ``step(x, a, step_input, start, coef, g, clip, state_noise, action_noise, last, bad)``.
+    """One reverse step: ``step(x, a, step_input, start, coef, g, clip, state_noise, action_noise, last, std_min)``.
 
     denoiser: ``denoiser(x [B,H,D], a [B,H,A], step_input)`` -> x0 [B,H,D]; a polygrad_fast ``Denoiser`` runs
     ``forward_embedded`` on its precomputed time-embedding row, anything else gets the step vector t [B]
@@ -96,13 +96,14 @@ class GuidedStep:
         return self.config.clip_state_change if t <= CLIP_STATE_CHANGE_MAX_T else None
 
     def __call__(self, x, a, step_input, start, coef, g, clip_state_change, state_noise, action_noise, last: bool,
-                 bad, seed=None, step: int | None = None):
+                 std_min, seed=None, step: int | None = None):
         """x [B,H,D], a [B,H,A] at step t; start [B,O] normalised; coef = step_table[t] [4]; g the guidance scale
         (0-dim tensor); clip_state_change ``clip_state_change_at(t)``; state/action noise [B,H,D]/[B,H,A] (state
-        None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise; last = (t == 0); bad:
-        bool 0-dim tensor, OR-ed with "the policy returned a std <= 0 or NaN or a non-finite mean".
+        None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise; last = (t == 0);
+        std_min: 0-dim fp32 tensor, the running minimum of the policy's std (NaN propagates), checked by the caller
+        after the loop (one reduction per step, no host sync).
 
-        Returns (x_{t-1} [B,H,D], a_{t-1} [B,H,A], mu - x_t at the last step else None, bad).
+        Returns (x_{t-1} [B,H,D], a_{t-1} [B,H,A], mu - x_t at the last step else None, std_min).
         """
         c = self.config
         kernel_noise = {} if seed is None else {"seed": seed, "step": step}
@@ -111,9 +112,9 @@ class GuidedStep:
                                                     state_noise, c.states_for_guidance, **kernel_noise)
         change = mean - x if last else None
         if last and c.clip_std is None or not last and c.guidance_type == "none":
-            return x_next, a, change, bad  # the action update is the identity: skip the policy forward
+            return x_next, a, change, std_min  # the action update is the identity: skip the policy forward
         p_mean, p_std = check_policy_output(*self.policy(guide), guide, self.act_dim)
-        bad = bad | ~((p_std > 0).all() & torch.isfinite(p_mean).all())
+        std_min = torch.minimum(std_min, p_std.amin())
         a_next = self.ops.action_update(a, p_mean, p_std, *self._act_stats, coef, g, c.clip_std, action_noise,
                                         c.action_noise_scale, c.guidance_type, last, **kernel_noise)
         if c.update_states and not last:
@@ -122,7 +123,7 @@ class GuidedStep:
                                                    "actions")
             x_next = self._update_guide_states(x, impose_start_obs(x0, start), mean, a_guided, start, coef, g,
                                                state_noise)
-        return x_next, a_next, change, bad
+        return x_next, a_next, change, std_min
 
     def _update_guide_states(self, x, x_recon, mean, a_guided, start, coef, g, state_noise) -> torch.Tensor:
         """The ``update_states`` ablation: guide states s += w grad_s log pi(a_guided | s) (autograd on the live

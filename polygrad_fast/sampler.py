@@ -277,10 +277,10 @@ class FastGuidedSampler:
             t0 = time.perf_counter()
             if self.backend == "reference":
                 x, a, metrics = self._sample_reference(start, horizon, g, generator, noise)
-                bad = None
+                std_min = None
             else:
-                x, a, metrics, bad = self._sample_fast(start, horizon, g, generator, noise)
-            return self._finish(x, a, metrics, t0, bad)
+                x, a, metrics, std_min = self._sample_fast(start, horizon, g, generator, noise)
+            return self._finish(x, a, metrics, t0, std_min)
 
     __call__ = sample
 
@@ -335,7 +335,7 @@ class FastGuidedSampler:
             cpu_packed.refresh(module)
 
     def _sample_fast(self, start, horizon, g, generator, noise):
-        """(x [B,H,D], a [B,H,A], change metrics, bad-policy flag []): the CUDA graph or the eager loop."""
+        """(x [B,H,D], a [B,H,A], change metrics, the policy's smallest std []): the CUDA graph or the eager loop."""
         self._sync()
         if noise is None and self._graph_runner is not None and self._graph_runner.enabled:
             return self._graph_runner.sample(start, horizon, g, generator)
@@ -356,31 +356,35 @@ class FastGuidedSampler:
             x[:, 0, : self.obs_dim] = start
             a.copy_(noise.a_T)
             step_inputs = step.step_inputs(T, B, self.device)
-            change, bad = None, torch.zeros((), dtype=torch.bool, device=self.device)
+            change, std_min = None, torch.full((), math.inf, device=self.device)
             for t in reversed(range(T)):  # rebinding, not copying back: 2 fewer passes per step
-                x, a, change, bad = self._step(x, a, step_inputs[t], start, self._rows[t], g,
-                                               step.clip_state_change_at(t), None if t == 0 else noise.state[t],
-                                               noise.action[t], t == 0, bad)
+                x, a, change, std_min = self._step(x, a, step_inputs[t], start, self._rows[t], g,
+                                                   step.clip_state_change_at(t), None if t == 0 else noise.state[t],
+                                                   noise.action[t], t == 0, std_min)
             # a step may return its input (an identity action update): never hand out the reused buffers
             return ((x.clone() if x is buf["x"] else x), (a.clone() if a is buf["a"] else a), change_metrics(change),
-                    bad)
+                    std_min)
 
-    def _finish(self, x, a, metrics, t0, bad) -> ImaginedBatch:
+    def _finish(self, x, a, metrics, t0, std_min) -> ImaginedBatch:
         n, O = self.normalizer, self.obs_dim
         obs_n, act_n = x[..., :O], a
         obs, act = n.unnormalize(obs_n, "observations"), n.unnormalize(act_n, "actions")
         rew_n, term_n = x[..., O], x[..., O + 1]
         terminals = (n.unnormalize(term_n, "terminals") > 0.5).float()
         with torch.no_grad():
-            stats, stats_bad = _standardized_action_stats(self.policy, obs, act)
+            stats, stats_ok = _standardized_action_stats(self.policy, obs, act)
         metrics.update(stats)
         metrics["terminal_avg"] = terminals.mean()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # one sync per call so the time is the real sampling time
         metrics["sampling_time"] = time.perf_counter() - t0
-        if bool(stats_bad if bad is None else bad | stats_bad):  # after the sync above: no extra wait
-            raise ValueError("the policy returned a std <= 0 or NaN, or a non-finite mean, for some guide state; "
-                             "expected a finite mean and a std > 0 everywhere (a Normal over raw actions)")
+        # One check of the whole call (after the sync above: no extra wait): a NaN or infinite policy mean, or a
+        # non-finite denoiser output, ends in non-finite actions.
+        ok = stats_ok & torch.isfinite(a).all() & (True if std_min is None else std_min > 0)
+        if not bool(ok):
+            raise ValueError("the policy returned a std <= 0 or NaN, or the guided actions are not finite (a NaN or "
+                             "infinite policy mean or denoiser output); expected a finite mean and a std > 0 for "
+                             "every guide state (a Normal over raw actions)")
         return ImaginedBatch(obs, act, n.unnormalize(rew_n, "rewards"), terminals, obs_n, act_n, rew_n, term_n,
                              metrics)
 
@@ -401,7 +405,7 @@ def _guidance_scale_tensor(value, device: torch.device) -> torch.Tensor:
 
 
 def _standardized_action_stats(policy: Callable, obs: torch.Tensor, actions: torch.Tensor):
-    """(act_mean / act_std of z = (a - mu_pi(s)) / sigma_pi(s), bad-policy flag []).
+    """(act_mean / act_std of z = (a - mu_pi(s)) / sigma_pi(s), the policy's std > 0 and mean finite here []).
 
     The moments are over (batch, time[:-1]) (all steps when H = 1): obs [B,H,O], actions [B,H,A] raw; act_std is
     the mean over action dims of the per-dim std (the paper's logged standardised action statistics).
@@ -409,4 +413,4 @@ def _standardized_action_stats(policy: Callable, obs: torch.Tensor, actions: tor
     if obs.shape[1] > 1:
         obs, actions = obs[:, :-1], actions[:, :-1]
     mean, std = check_policy_output(*policy_mean_std(policy(obs)), obs, actions.shape[-1])
-    return standardized_action_moments((actions - mean) / std), ~((std > 0).all() & torch.isfinite(mean).all())
+    return standardized_action_moments((actions - mean) / std), (std.amin() > 0) & torch.isfinite(mean).all()

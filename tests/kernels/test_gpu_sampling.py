@@ -103,13 +103,14 @@ def test_runner_unavailable_on_cpu_warns_once(monkeypatch):
 def test_loop_body_matches_torch_path_with_the_kernels_noise(options, device):
     sampler = make_sampler(device, n_steps=12, **options)  # 12 steps: both the clamped tail and t > 10
     start = torch.randn(2, O, device=device)
-    x, a, change, bad = run_loop(sampler, start, seed=5)
+    x, a, change, std_min = run_loop(sampler, start, seed=5)
     noise = kernel_noise(5, 12, 2, 3, device)
     batch = sampler.sample(start, normalized=True, noise=noise)
     torch.testing.assert_close(x[..., :O], batch.observations_normalized, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x[..., O], batch.rewards_normalized, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a, batch.actions_normalized, atol=1e-5, rtol=1e-5)
-    assert change.shape == x.shape and not bad
+    policy_called = options.get("guidance_type") != "none"
+    assert change.shape == x.shape and (0 < std_min < float("inf")) == policy_called  # the std is tracked
 
 
 def test_loop_body_seeds(device):
