@@ -267,7 +267,8 @@ def evaluate(cfg: WMEvalConfig, buffer: TrajectoryBuffer | None = None, actor: n
         env.close()
 
 
-def _evaluate(cfg: WMEvalConfig, env: SimStateEnv, buffer: TrajectoryBuffer, actor: nn.Module, log) -> list[MethodResult]:
+def _evaluate(cfg: WMEvalConfig, env: SimStateEnv, buffer: TrajectoryBuffer, actor: nn.Module,
+              log) -> list[MethodResult]:
     dev = torch.device(cfg.device)
     O, A = env.obs_dim, env.act_dim
     normalizer = Normalizer(buffer.stats(), device=dev)
@@ -284,13 +285,15 @@ def _evaluate(cfg: WMEvalConfig, env: SimStateEnv, buffer: TrajectoryBuffer, act
         else:
             models[name] = ProbabilisticEnsemble(O, A, cfg.ensemble).to(dev)
             fit = models[name].fit(buffer_transitions(buffer, seed=cfg.seed), seed=cfg.seed)
-            log(f"mlp_ensemble: elites {models[name].elite_index.tolist()}, held-out NLL {fit['elite_holdout_nll']:.3f}")
+            log(f"mlp_ensemble: elites {models[name].elite_index.tolist()}, "
+                f"held-out NLL {fit['elite_holdout_nll']:.3f}")
         train_s[name] = time.perf_counter() - t0
         log(f"{name}: trained in {train_s[name]:.1f} s")
 
     results = []
     for hi, horizon in enumerate(cfg.horizons):
-        windows = buffer.sample_windows(cfg.eval_batch, horizon, seed=((cfg.seed << 8) + hi + 1) << 32,
+        # training windows use seeds (seed << 32) + step with step < 2**31: these never collide with them
+        windows = buffer.sample_windows(cfg.eval_batch, horizon, seed=(cfg.seed << 32) + 2**31 + hi,
                                         normalize=False)
         start = windows.start_obs.to(dev)
         sim0 = windows.sim_states[:, 0].numpy()
@@ -302,15 +305,17 @@ def _evaluate(cfg: WMEvalConfig, env: SimStateEnv, buffer: TrajectoryBuffer, act
             log(f"polygrad h={horizon}: trained in {train_s['polygrad']:.1f} s")
         for mi, method in enumerate(cfg.methods):
             g = torch.Generator(dev).manual_seed((cfg.seed << 16) + 64 * hi + mi)
-            t0 = time.perf_counter()
-            if method == "polygrad":
+            if method == "polygrad":  # built outside the timed region: imagination time only
                 sampler = FastGuidedSampler(trainer.ema_model, schedule, actor, normalizer, config=cfg.sampler,
                                             execution=cfg.execution)
+            t0 = time.perf_counter()
+            if method == "polygrad":
                 b = sampler.sample(start, generator=g)
                 rollout = Rollout(b.observations, b.actions, b.rewards)
             elif method == "dataset_actions":
                 act = windows.actions.to(dev)
-                x = action_conditioned_sample(trainer.ema_model, schedule, normalizer.normalize(start, "observations"),
+                x = action_conditioned_sample(trainer.ema_model, schedule,
+                                              normalizer.normalize(start, "observations"),
                                               normalizer.normalize(act, "actions"), generator=g)
                 rollout = Rollout(normalizer.unnormalize(x[..., :O], "observations"), act,
                                   normalizer.unnormalize(x[..., O], "rewards"))
@@ -398,23 +403,33 @@ def write_report(results: list[MethodResult], outdir: str | Path) -> dict[str, P
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> list[MethodResult]:
-    """``python -m polygrad_fast.wm_eval --preset cpu --outdir DIR [--field value ...]`` (tyro, dotted fields)."""
+def main(argv: list[str] | None = None, prog: str = "python -m polygrad_fast.wm_eval") -> list[MethodResult]:
+    """``python -m polygrad_fast.wm_eval --preset cpu --outdir DIR [--field value ...]`` (tyro, dotted fields);
+    called as ``main(argv, prog)`` it is also a ``polygrad_fast.cli`` subcommand entry. Bad arguments exit 2."""
     import tyro
 
-    pre = argparse.ArgumentParser(prog="polygrad_fast.wm_eval", add_help=False)
+    pre = argparse.ArgumentParser(prog=prog, add_help=False)
     pre.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    pre.add_argument("--outdir", type=Path, required="-h" not in (argv or sys.argv) and
-                     "--help" not in (argv or sys.argv))
+    pre.add_argument("--outdir", type=Path)
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
-    cfg = tyro.cli(WMEvalConfig, args=rest, default=PRESETS[known.preset], prog="polygrad_fast.wm_eval",
-                   use_underscores=True, description=__doc__.split("\n\n")[0])
+    try:
+        cfg = tyro.cli(WMEvalConfig, args=rest, default=PRESETS[known.preset], prog=prog,
+                       use_underscores=True, description=__doc__.split("\n\n")[0])
+    except (ValueError, TypeError) as exc:  # the config's own validation, run while tyro builds it
+        _exit(prog, str(exc))
+    if known.outdir is None:  # checked after tyro so that --help works without it
+        _exit(prog, "--outdir DIR is required")
     results = evaluate(cfg)
     paths = write_report(results, known.outdir)
     save_config(cfg, known.outdir / "config.json")
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
+
+
+def _exit(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

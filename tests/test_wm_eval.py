@@ -102,6 +102,16 @@ def test_main_runs_the_comparison(tmp_path, one_torch_thread):
     assert {p.name for p in out.iterdir()} == {"errors.csv", "summary.md", "errors_vs_step.png", "config.json"}
 
 
+def test_main_refuses_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        wm_eval.main(["--preset", "cpu", "--horizons", "10"])
+    assert exc.value.code == 2 and "--outdir DIR is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        wm_eval.main(["--preset", "cpu", "--outdir", str(tmp_path), "--horizons", "1"])
+    assert exc.value.code == 2 and "horizons" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------------ bad input
 @pytest.fixture
 def no_training(monkeypatch):

@@ -79,7 +79,8 @@ def buffer_transitions(buffer: TrajectoryBuffer, seed: int, draws_per_transition
     keep = torch.from_numpy(np.sort(first))
     keep = keep[w.terminals[keep, 0] < 0.5]
     if len(keep) < 2:
-        raise ValueError(f"the buffer yields {len(keep)} non-terminal transitions; need at least 2 (train and held out)")
+        raise ValueError(f"the buffer yields {len(keep)} non-terminal transitions; need at least 2 (train and "
+                         "held out)")
     return Transitions(w.observations[keep, 0], w.actions[keep, 0], w.rewards[keep, 0], w.observations[keep, 1])
 
 
