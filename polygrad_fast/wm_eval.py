@@ -414,7 +414,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m polygrad_fast.wm_
     known, rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = tyro.cli(WMEvalConfig, args=rest, default=PRESETS[known.preset], prog=prog,
-                       use_underscores=True, description=__doc__.split("\n\n")[0])
+                       use_underscores=True,
+                       description=__doc__.split("\n\n")[0] + f" --preset {{{','.join(PRESETS)}}} (default cpu) "
+                       "picks the defaults and --outdir DIR (required) gets the report; both are read first.")
     except (ValueError, TypeError) as exc:  # the config's own validation, run while tyro builds it
         _exit(prog, str(exc))
     if known.outdir is None:  # checked after tyro so that --help works without it
