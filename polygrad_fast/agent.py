@@ -147,6 +147,23 @@ def refresh_normalizer(normalizer: Normalizer, stats: dict) -> None:
         normalizer[name].std.copy_(fresh[name].std)
 
 
+def refresh_sampler_statistics(sampler: FastGuidedSampler) -> None:
+    """Make ``sampler`` see its normaliser's current statistics after an in-place refresh.
+
+    Workaround: the sampler's ``GuidedStep`` keeps ``std + eps`` tensors made at construction (the means are the
+    normaliser's own tensors); their values are copied in place (no rebuild, no recompile, CUDA graphs keep their
+    memory). To be dropped once the sampler reads the normaliser's std at call time.
+    """
+    step = getattr(sampler, "guided_step", None)
+    for attr, name in (("_obs_stats", "observations"), ("_act_stats", "actions")):
+        cached = getattr(step, attr, None)
+        if cached is not None:
+            mean, scale = cached
+            if mean is not sampler.normalizer[name].mean:
+                raise RuntimeError(f"the sampler holds its own copy of the {name} mean; cannot refresh it in place")
+            scale.copy_(sampler.normalizer[name].scale)
+
+
 def _non_finite(values: dict[str, float]) -> list[str]:
     return [k for k, v in values.items() if not math.isfinite(v)]
 
@@ -226,7 +243,7 @@ class Agent:
         for ep in random_episodes(self.expl_env, self.cfg.n_prefill_steps, seed=self.cfg.seed):
             self.buffer.add_episode(ep.observations, ep.actions / self.action_scale, ep.rewards, ep.sim_states,
                                     terminated=ep.terminated, truncated=ep.truncated)
-        refresh_normalizer(self.normalizer, self.buffer.stats())
+        self.refit_normalizer(self.buffer.stats())
         self.obs, _ = self.expl_env.reset()
         self.logger.log(0, {"dataset/transitions": self.buffer.num_transitions,
                             "dataset/episodes": self.buffer.num_episodes,
@@ -288,7 +305,7 @@ class Agent:
         if terminated or truncated or length >= cfg.max_path_length:
             self.buffer.add_episode(np.stack(ep["obs"]), np.stack(ep["act"]), np.asarray(ep["rew"], np.float32),
                                     np.stack(ep["sim"]), terminated=terminated, truncated=not terminated)
-            refresh_normalizer(self.normalizer, self.buffer.stats())
+            self.refit_normalizer(self.buffer.stats())
             self.logger.log(self.env_steps + 1, {"expl/return": self.episode_return, "expl/length": length},
                             echo=False)
             self.recent_returns.append(self.episode_return)
@@ -296,6 +313,11 @@ class Agent:
             self.episode_return = 0.0
             self.obs, _ = env.reset()
         self.timers["env"] += time.perf_counter() - t0
+
+    def refit_normalizer(self, stats: dict) -> None:
+        """Steps 1 and 3: the normaliser takes ``stats`` (the whole buffer's), in place; the sampler sees them."""
+        refresh_normalizer(self.normalizer, stats)
+        refresh_sampler_statistics(self.sampler)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
@@ -473,7 +495,7 @@ class Agent:
         self.a2c.load_state_dict(state["a2c"])
         self.tuner.load_state_dict(state["guidance"])
         self.buffer = TrajectoryBuffer.from_state_dict({k: v.numpy() for k, v in state["buffer"].items()})
-        refresh_normalizer(self.normalizer, {k: (m.numpy(), sd.numpy()) for k, (m, sd) in state["normalizer"].items()})
+        self.refit_normalizer({k: (m.numpy(), sd.numpy()) for k, (m, sd) in state["normalizer"].items()})
         rng = state["rng"]
         restore_rng_states(rng["process"])
         for name, g in self.generators.items():

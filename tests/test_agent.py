@@ -21,6 +21,7 @@ from polygrad_fast.agent_config import AGENT_PRESETS, AgentConfig, get_agent_pre
 from polygrad_fast.checkpoint import CheckpointManager
 from polygrad_fast.config import from_dict, to_dict
 from polygrad_fast.run_dir import RunDirError
+from polygrad_fast.sampler import FastGuidedSampler
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.plotting import exploration_curve, plot_runs
 
@@ -100,6 +101,23 @@ def test_refresh_normalizer_is_in_place():
     bad = dict(stats, rewards=(float("nan"), 1.0))
     with pytest.raises(ValueError, match="NaN"):
         refresh_normalizer(n, bad)
+
+
+def test_sampler_sees_the_refitted_normaliser(tmp_path):
+    agent = Agent(get_agent_preset("debug"), tmp_path, progress=False)
+    try:
+        agent.start()  # prefill: the normaliser now holds the prefill's statistics, refreshed in place
+        stats = agent.buffer.stats()
+        stats["observations"] = (stats["observations"][0] + 0.5, stats["observations"][1] * 2.0)
+        agent.refit_normalizer(stats)
+        start = agent.buffer.sample_windows(8, agent.cfg.horizon, seed=0, normalize=False).start_obs
+        got = agent.sampler.sample(start, generator=torch.Generator().manual_seed(3))
+        fresh = FastGuidedSampler(agent.trainer.ema_model, agent.sampler.schedule, agent.actor,
+                                  Normalizer(stats), config=agent.cfg.sampler, execution=agent.cfg.execution)
+        want = fresh.sample(start, generator=torch.Generator().manual_seed(3))
+        assert torch.equal(got.observations, want.observations) and torch.equal(got.actions, want.actions)
+    finally:
+        agent.close()
 
 
 def test_env_state_restores_mid_episode_and_the_reset_rng():
