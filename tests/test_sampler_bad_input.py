@@ -121,6 +121,15 @@ def test_foreign_policy_with_wrong_output(setup, guidance_type, policy, exc, mat
         s.sample(torch.zeros(2, O))
 
 
+def test_reference_backend_names_a_wrong_action_size(setup):
+    denoiser, schedule, _, normalizer = setup
+    policy = _policy(lambda s: torch.zeros(s.shape[:-1] + (A + 1,)), lambda s: torch.ones(s.shape[:-1] + (A + 1,)))
+    s = FastGuidedSampler(denoiser, schedule, policy, normalizer, backend="reference")
+    with pytest.raises(ValueError, match=r"mean shape \[2, 3, 4\] for guide states \[2, 3, 5\]; expected the "
+                                         r"actions' shape \[2, 3, 3\]"):
+        s.sample(torch.zeros(2, O))
+
+
 def test_policy_std_broadcasting_per_dimension_is_accepted(setup):
     denoiser, schedule, _, normalizer = setup
     s = FastGuidedSampler(denoiser, schedule, _policy(GOOD_MEAN, lambda st: torch.full((A,), 0.5)), normalizer,

@@ -92,6 +92,9 @@ def reference_action_step(
         return actions, None  # no policy call: nothing reads it
     with torch.no_grad():
         dist = as_distribution(policy(guide_states_raw))
+    if dist.mean.shape != actions.shape:
+        raise ValueError(f"the policy's distribution has mean shape {list(dist.mean.shape)} for guide states "
+                         f"{list(guide_states_raw.shape)}; expected the actions' shape {list(actions.shape)}")
     act = normalizer["actions"]
     return action_step(actions, dist, act.mean, act.scale, t, sigma_t, guidance_scale, clip_std, noise,
                        action_noise_scale, guidance_type)
