@@ -1,15 +1,17 @@
 """The PolyGRAD agent: online reinforcement learning in trajectories imagined by policy-guided diffusion.
 
     python -m polygrad_fast.agent --preset pendulum-cpu                 # InvertedPendulum on a 2-core CPU
-    python -m polygrad_fast.agent --preset hopper device=cuda           # the paper's Hopper run
-    python -m polygrad_fast.agent --preset debug --logdir /tmp/run a2c.lr_actor=1e-3
+    python -m polygrad_fast.agent --preset hopper --device cuda         # the paper's Hopper run
+    python -m polygrad_fast.agent --preset debug --logdir /tmp/run --a2c.lr_actor 1e-3 --seed 2
+    python -m polygrad_fast.agent --help                                # every config field, typed
 
 ``run(config, logdir)`` is the entry point. ``Agent.train`` is the paper's Algorithm 1, step by step:
 
 1. an exploration env and a separate evaluation env (actions clipped to the action space); random prefill of
    whole episodes until at least ``n_prefill_steps`` transitions; the normaliser fitted on it;
-2. each env step: a ~ N(tanh(mu(s)), exp(logstd) + min_std) from the current actor; the buffer gets s, the
-   unclipped a, r, terminated/truncated and the simulator state before the step;
+2. each env step: a ~ N(tanh(mu(s)), exp(logstd) + min_std) from the current actor (in [-1, 1] units, scaled to
+   the env's action range: ``action_scale``); the buffer gets s, the unclipped a, r, terminated/truncated and the
+   simulator state before the step;
 3. at an episode's end (terminated, truncated or ``max_path_length``): the episode enters the buffer, the env is
    reset and the normaliser refitted on the whole buffer (refreshed in place: the sampler sees it at once; the
    diffusion trainer's windows are normalised by the buffer with the same statistics). An open episode is
@@ -251,7 +253,11 @@ class Agent:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
-        """Algorithm 1 until ``n_env_steps``; returns the final metrics (last evaluation included)."""
+        """Algorithm 1 until ``n_env_steps``; returns the final metrics (last evaluation included).
+
+        Step 1 (envs, prefill, normaliser) is ``__init__`` + ``start``; step 7 (a buffer holding the whole run) is
+        ``AgentConfig.capacity``.
+        """
         cfg = self.cfg
         if self.env_steps == 0 and not self.last_eval:
             self.evaluate_and_log()  # step 6 at env step 0
