@@ -80,8 +80,6 @@ class GuidedStep:
         self.grad_policy = grad_policy
         self.embeds_time = isinstance(denoiser, Denoiser)
         self.denoise = denoiser.forward_embedded if self.embeds_time else denoiser  # (x, a, step_input) -> x0
-        obs, act = normalizer["observations"], normalizer["actions"]
-        self._obs_stats, self._act_stats = (obs.mean, obs.scale), (act.mean, act.scale)
         self.act_dim = normalizer.act_dim
 
     def step_inputs(self, n_steps: int, batch: int, device: torch.device) -> list[torch.Tensor]:
@@ -106,16 +104,18 @@ class GuidedStep:
         Returns (x_{t-1} [B,H,D], a_{t-1} [B,H,A], mu - x_t at the last step else None, std_min).
         """
         c = self.config
+        # the normaliser's statistics are read at every call: an in-place refit is followed (also by a CUDA graph)
+        obs, act = self.normalizer["observations"], self.normalizer["actions"]
         kernel_noise = {} if seed is None else {"seed": seed, "step": step}
         x0 = self.denoise(x, coef[SQRT_ABAR] * a, step_input)
-        x_next, mean, guide = self.ops.state_update(x, x0, start, coef, *self._obs_stats, clip_state_change,
+        x_next, mean, guide = self.ops.state_update(x, x0, start, coef, obs.mean, obs.scale, clip_state_change,
                                                     state_noise, c.states_for_guidance, **kernel_noise)
         change = mean - x if last else None
         if last and c.clip_std is None or not last and c.guidance_type == "none":
             return x_next, a, change, std_min  # the action update is the identity: skip the policy forward
         p_mean, p_std = check_policy_output(*self.policy(guide), guide, self.act_dim)
         std_min = torch.minimum(std_min, p_std.amin())
-        a_next = self.ops.action_update(a, p_mean, p_std, *self._act_stats, coef, g, c.clip_std, action_noise,
+        a_next = self.ops.action_update(a, p_mean, p_std, act.mean, act.scale, coef, g, c.clip_std, action_noise,
                                         c.action_noise_scale, c.guidance_type, last, **kernel_noise)
         if c.update_states and not last:
             # the guided raw action before its noise, at which the ablation differentiates log pi

@@ -36,6 +36,7 @@ from .step_ops import GuidanceType, StatesForGuidance
 
 RECOMPILE_LIMIT = 64  # compiled entries of the step function before dynamo falls back to eager
 
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """The guided sampler's algorithm: the paper's options, with its config keys' names and defaults.

@@ -137,6 +137,26 @@ def test_results_do_not_alias_the_reused_buffers(guidance_type):
         assert torch.equal(getattr(first, k), v), k
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_in_place_normaliser_refit_is_followed(compile):
+    """Statistics copied into the normaliser's tensors (how a run refits it) reach the next call, as if the sampler
+    had been built with them."""
+    denoiser, schedule, policy, _ = make_setup()
+    old, new = make_normalizer(seed=0), make_normalizer(seed=5)
+    kw = dict(backend="torch", denoiser_dtype="float32", compile=compile)
+    sampler = FastGuidedSampler(denoiser, schedule, policy, old, **kw)
+    start = torch.randn(4, O)
+    gen = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    before = sampler.sample(start, generator=gen())
+    for name in old.fields:
+        old[name].mean.copy_(new[name].mean)
+        old[name].std.copy_(new[name].std)
+    after = sampler.sample(start, generator=gen())
+    fresh = FastGuidedSampler(denoiser, schedule, policy, new, **kw).sample(start, generator=gen())
+    assert_batches_close(after, fresh)
+    assert (after.actions - before.actions).abs().max() > 0.1  # the refit matters
+
+
 def test_batch_layout_and_raw_fields():
     denoiser, schedule, policy, normalizer = setup = make_setup()
     start_raw = torch.randn(6, O) * 3 + 1
