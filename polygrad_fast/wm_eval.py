@@ -39,6 +39,7 @@ from .backend import ExecutionOptions
 from .baselines import (AutoregressiveDiffusion, AutoregressiveDiffusionConfig, EnsembleConfig,
                         ProbabilisticEnsemble, Rollout, buffer_transitions, sample_action)
 from .buffer import TrajectoryBuffer
+from .conditioned_sampling import action_conditioned_sample
 from .config import save_config
 from .denoisers import MLPDenoiserConfig, build_denoiser
 from .diffusion_trainer import DiffusionTrainer, DiffusionTrainerConfig
@@ -47,7 +48,6 @@ from .evaluation import reported_steps, trajectory_errors
 from .normalizer import Normalizer
 from .policy import Actor
 from .presets import check_device, check_number
-from .reference.guided_sampling import action_conditioned_sample
 from .sampler import FastGuidedSampler, SamplerConfig
 from .schedule import NoiseSchedule
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..buffer import TrajectoryBuffer
+from ..conditioned_sampling import action_conditioned_sample
 from ..denoisers import MLPDenoiserConfig, build_denoiser
 from ..diffusion_trainer import DiffusionTrainer, DiffusionTrainerConfig
 from ..normalizer import Normalizer
-from ..reference.guided_sampling import action_conditioned_sample
 from ..schedule import NoiseSchedule
 from .rollout import Rollout, sample_action
 
