@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from .a2c import A2CConfig
 from .backend import ExecutionOptions
@@ -25,20 +26,25 @@ from .diffusion_trainer import DiffusionTrainerConfig
 from .sampler import SamplerConfig
 
 # Tasks the agent runs on: the world-model tasks plus InvertedPendulum (a task a 2-core CPU can learn quickly).
-AGENT_ENVS = ("Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Hopper-v4", "Walker2d-v4",
-              "HalfCheetah-v4", "Ant-v4", "InvertedPendulum-v5", "InvertedPendulum-v4")
+AgentEnv = Literal["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Hopper-v4", "Walker2d-v4",
+                   "HalfCheetah-v4", "Ant-v4", "InvertedPendulum-v5", "InvertedPendulum-v4"]
+AGENT_ENVS: tuple[str, ...] = get_args(AgentEnv)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Actor and critic sizes (the paper's: 256 x 2, LayerNorm + ELU) and the actor's std parameterisation:
-    std = exp(logstd) + min_std, initially init_std (learned_std) or init_std fixed."""
+    """Actor and critic sizes (the paper's: 256 x 2, LayerNorm + ELU) and the actor's std parameterisation."""
 
     hidden: int = 256
+    """Width of the actor's and the critic's hidden layers."""
     layers: int = 2
+    """Hidden layers of each."""
     init_std: float = 1.0
+    """Initial actor std (in the agent's [-1, 1] action units)."""
     min_std: float = 0.1
+    """std = exp(logstd) + min_std."""
     learned_std: bool = True
+    """Learn logstd (with the entropy bonus); False: std fixed at init_std."""
 
 
 @dataclass(frozen=True)
@@ -54,34 +60,58 @@ class AgentConfig:
     the end), the last ``keep_checkpoints`` kept. ``buffer_capacity`` None: the whole run fits (nothing evicted).
     """
 
-    env: str = "Hopper-v5"
+    env: AgentEnv = "Hopper-v5"
+    """MuJoCo task (gymnasium id)."""
     seed: int = 0
+    """Seeds the envs, networks, buffer windows and every generator."""
     device: str = "cpu"
+    """'cpu' or 'cuda[:N]'."""
     n_env_steps: int = 1_000_000
+    """Env steps of the run (the prefill not counted)."""
     n_prefill_steps: int = 5000
+    """Random-action transitions (whole episodes) before the first env step."""
     max_path_length: int = 1000
+    """Exploration and evaluation episodes are cut at this length."""
     buffer_capacity: int | None = None
+    """Buffer transitions; None: the whole run (n_env_steps + n_prefill_steps + max_path_length)."""
     horizon: int = 10
+    """H: steps of each imagined trajectory (and of the diffusion model's windows)."""
     n_diffusion_steps: int = 128
+    """T: reverse steps of the diffusion model."""
     noise_tau: float = 1.0
+    """Exponent tau of the cosine noise schedule (the paper: 0.1 on Hopper)."""
     train_agent_ratio: float = 0.25
+    """Imagined A2C updates per env step (1 / it must be a whole number)."""
     train_diffusion_ratio: float = 1.0
+    """Diffusion training steps per env step."""
     pretrain_diffusion: int = 1000
+    """Diffusion steps before the first A2C update."""
     agent_batch_size: int = 1024
+    """Imagined trajectories per A2C update."""
     tune_guidance: bool = True
+    """Tune the guidance scale towards a standardised imagined action std of 1."""
     guidance_lr: float = 3e-3
+    """SGD LR of the log guidance scale."""
     eval_interval: int = 10_000
+    """Env steps between evaluations (step 0 and the last step too)."""
     eval_episodes: int = 20
+    """Mean-action episodes per evaluation."""
     error_trajectories: int = 50
-    log_interval: int = 200  # env steps between agent/, diffusion/, imagine/, dataset/ and perf/ records
+    """Imagined trajectories replayed in the simulator per evaluation (world-model error)."""
+    log_interval: int = 200
+    """Env steps between agent/, diffusion/, imagine/, dataset/ and perf/ records."""
     checkpoint_interval: int | None = 10_000
+    """Env steps between checkpoints (None: only at the end)."""
     keep_checkpoints: int = 2
-    torch_threads: int | None = None  # None: torch's default
+    """Newest checkpoints kept."""
+    torch_threads: int | None = None
+    """torch.set_num_threads for the run (None: torch's default)."""
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     denoiser: MLPDenoiserConfig = field(default_factory=MLPDenoiserConfig)
     trainer: DiffusionTrainerConfig = field(default_factory=DiffusionTrainerConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    execution: ExecutionOptions = field(default_factory=ExecutionOptions)  # how the sampler runs (compile, ...)
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+    """How the sampler runs (dtypes, compile, backend); not the algorithm."""
     a2c: A2CConfig = field(default_factory=A2CConfig)
 
     def __post_init__(self):
