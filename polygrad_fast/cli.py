@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-wm": ("polygrad_fast.train_world_model:cli",
                  "train a world model on a MuJoCo task; error against the simulator"),
     "train": ("polygrad_fast.agent:cli", "online RL in imagination: the PolyGRAD agent on a MuJoCo task"),
+    "wm-eval": ("polygrad_fast.wm_eval:main",
+                "world-model error comparison: PolyGRAD vs autoregressive baselines, same data and policy"),
     "env-report": ("polygrad_fast.env_report:cli", "versions, native build and active backends of this install"),
 }
 
@@ -64,7 +66,7 @@ def parse_run(argv: list[str] | None, prog: str, description: str, config_type: 
     pre.add_argument("--preset", default=default_preset)
     known, rest = pre.parse_known_args(argv)
     if known.preset not in presets:
-        _exit(prog, f"unknown preset {known.preset!r}; known presets: {', '.join(sorted(presets))}")
+        exit_usage(prog, f"unknown preset {known.preset!r}; known presets: {', '.join(sorted(presets))}")
     args_type = dataclasses.make_dataclass("Args", [
         ("preset", Annotated[Literal[tuple(presets)], tyro.conf.arg(help="named defaults (read first)")]),
         ("config", Annotated[config_type, tyro.conf.arg(name="")]),
@@ -75,11 +77,12 @@ def parse_run(argv: list[str] | None, prog: str, description: str, config_type: 
     try:
         args = tyro.cli(args_type, args=rest, default=default, prog=prog, use_underscores=True)
     except (ValueError, TypeError) as exc:  # a config's validation, run while tyro builds it
-        _exit(prog, str(exc))
+        exit_usage(prog, str(exc))
     return known.preset, args.config, args.options
 
 
-def _exit(prog: str, message: str) -> None:
+def exit_usage(prog: str, message: str) -> None:
+    """Print ``prog: error: message`` to stderr and exit with status 2 (a usage error)."""
     print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 

@@ -57,10 +57,12 @@ def window_seed(run_seed: int, purpose: int, step: int) -> int:
 
 
 def persistence_errors(env: SimStateEnv, start_sim_states: np.ndarray, actions: np.ndarray,
-                       start_obs: np.ndarray, rewards: np.ndarray) -> dict[str, float]:
-    """Errors of predicting that the start observation never changes (the yardstick the model must beat)."""
+                       start_obs: np.ndarray, mean_reward: float) -> dict[str, float]:
+    """Errors of the yardstick the model must beat: the start observation never changes and every reward is the
+    dataset's mean reward (its own prediction, not the model's), on the same replayed actions [B,H,A]."""
     horizon = actions.shape[1]
     still = np.repeat(start_obs[:, None], horizon, axis=1)
+    rewards = np.full(actions.shape[:2], mean_reward, dtype=np.float32)
     errs = trajectory_errors(env, start_sim_states, actions, still, rewards)
     return {k.replace("errors/", "errors/persistence_"): v for k, v in errs.items()}
 
@@ -135,8 +137,8 @@ class WorldModelRun:
         actions = imagined.actions.cpu().numpy()
         metrics = trajectory_errors(self.env, sim0, actions, imagined.observations.cpu().numpy(),
                                     imagined.rewards.cpu().numpy())
-        metrics.update(persistence_errors(self.env, sim0, actions, windows.start_obs.numpy(),
-                                          imagined.rewards.cpu().numpy()))
+        mean_reward = float(self.buffer.stats()["rewards"][0])
+        metrics.update(persistence_errors(self.env, sim0, actions, windows.start_obs.numpy(), mean_reward))
         for key in ("act_std", "act_mean", "terminal_avg"):
             metrics[f"imagine/{key}"] = float(imagined.metrics[key])
         metrics["imagine/guidance_scale"] = float(self.sampler.guidance_scale)

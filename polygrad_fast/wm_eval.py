@@ -39,6 +39,7 @@ from .backend import ExecutionOptions
 from .baselines import (AutoregressiveDiffusion, AutoregressiveDiffusionConfig, EnsembleConfig,
                         ProbabilisticEnsemble, Rollout, buffer_transitions, sample_action)
 from .buffer import TrajectoryBuffer
+from .cli import exit_usage
 from .conditioned_sampling import action_conditioned_sample
 from .config import save_config
 from .denoisers import MLPDenoiserConfig, build_denoiser
@@ -418,20 +419,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m polygrad_fast.wm_
                        description=__doc__.split("\n\n")[0] + f" --preset {{{','.join(PRESETS)}}} (default cpu) "
                        "picks the defaults and --outdir DIR (required) gets the report; both are read first.")
     except (ValueError, TypeError) as exc:  # the config's own validation, run while tyro builds it
-        _exit(prog, str(exc))
+        exit_usage(prog, str(exc))
     if known.outdir is None:  # checked after tyro so that --help works without it
-        _exit(prog, "--outdir DIR is required")
+        exit_usage(prog, "--outdir DIR is required")
     results = evaluate(cfg)
     paths = write_report(results, known.outdir)
     save_config(cfg, known.outdir / "config.json")
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
-
-
-def _exit(prog: str, message: str) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
 
 
 if __name__ == "__main__":

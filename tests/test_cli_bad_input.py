@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from polygrad_fast.cli import main
+from polygrad_fast.cli import SUBCOMMANDS, main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,7 +66,7 @@ def test_rejected_before_the_run_directory_exists(tmp_path, capsys, args, messag
 def test_unknown_subcommand(capsys):
     assert main(["train-world-model"]) == 2
     err = capsys.readouterr().err
-    assert "unknown subcommand 'train-world-model'; expected one of train-wm, train, env-report" in err
+    assert f"unknown subcommand 'train-world-model'; expected one of {', '.join(SUBCOMMANDS)}" in err
 
 
 def test_rerun_with_another_config_is_refused_naming_the_fields(tmp_path, capsys):

@@ -58,6 +58,8 @@ def test_debug_run_end_to_end(tmp_path, capsys):
     for r in evals:
         for key in ("errors/dynamics_mse_0001_step", "errors/persistence_dynamics_mse_0009_step", "imagine/act_std"):
             assert isinstance(r[key], float) and r[key] >= 0
+        # the yardstick predicts its own rewards (the dataset mean), so its reward error is not the model's
+        assert r["errors/persistence_reward_mse"] != r["errors/reward_mse"]
     losses = [r["diffusion/loss"] for r in recs if "diffusion/loss" in r]
     assert len(losses) == 4 and all(0 < x < 100 for x in losses)
     step, state = CheckpointManager(logdir / "checkpoints").latest()
