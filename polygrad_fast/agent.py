@@ -302,7 +302,7 @@ class Agent:
             self._fail("the exploration env's observation/reward", f"obs={next_obs}, reward={reward}")
         ep = self.episode
         ep["obs"].append(self.obs)
-        ep["act"].append(action)
+        ep["act"].append(np.clip(action, -1.0, 1.0) if cfg.store_clipped_actions else action)
         ep["rew"].append(reward)
         ep["sim"].append(info["sim_state"])
         self.episode_return += reward

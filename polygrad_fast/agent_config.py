@@ -74,6 +74,9 @@ class AgentConfig:
     """Exploration and evaluation episodes are cut at this length."""
     buffer_capacity: int | None = None
     """Buffer transitions; None: the whole run (n_env_steps + n_prefill_steps + max_path_length)."""
+    store_clipped_actions: bool = False
+    """Store the action the env executed (clipped to [-1, 1]) instead of the sampled one (the paper: unclipped).
+    A diagnostic: the world model then never sees actions beyond the range the env acts on."""
     horizon: int = 10
     """H: steps of each imagined trajectory (and of the diffusion model's windows)."""
     n_diffusion_steps: int = 128
@@ -145,8 +148,9 @@ class AgentConfig:
             integer("torch_threads", 1)
         for name in ("noise_tau", "train_agent_ratio", "train_diffusion_ratio", "guidance_lr"):
             positive(name)
-        if not isinstance(self.tune_guidance, bool):
-            raise ValueError(f"tune_guidance must be a bool, got {self.tune_guidance!r}")
+        for name in ("tune_guidance", "store_clipped_actions"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         # The loop runs in whole periods of env steps: both ratios must give whole numbers.
         period = 1.0 / self.train_agent_ratio
         if self.train_agent_ratio > 1 or abs(period - round(period)) > 1e-9:

@@ -120,6 +120,21 @@ def test_sampler_sees_the_refitted_normaliser(tmp_path):
         agent.close()
 
 
+@pytest.mark.parametrize("clipped", [False, True])
+def test_stored_actions_are_the_sampled_ones_unless_clipping_is_asked(tmp_path, clipped):
+    cfg = dataclasses.replace(get_agent_preset("debug"), store_clipped_actions=clipped)
+    agent = Agent(cfg, tmp_path, progress=False)
+    try:
+        agent.start()
+        before = agent.buffer.num_transitions
+        while agent.buffer.num_transitions < before + 30:  # whole episodes of the (initial, std 1) actor
+            agent.env_step()
+        stored = agent.buffer.state_dict()["actions"][before:]
+        assert (np.abs(stored).max() <= 1.0) == clipped  # std 1 around a mean in (-1, 1) leaves [-1, 1] often
+    finally:
+        agent.close()
+
+
 def test_env_state_restores_mid_episode_and_the_reset_rng():
     env, twin = make_env("InvertedPendulum-v5", seed=5), make_env("InvertedPendulum-v5", seed=99)
     env.reset()
