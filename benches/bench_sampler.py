@@ -160,9 +160,9 @@ def test_step_guidance(benchmark, hopper, batch, variant):
     if variant == "reference-autograd":
         fn = reference
     elif variant == "fast-closed-form":
-        fn = fast(sampler._policy_fast, action_update_at)
+        fn = fast(sampler.guided_step.policy, action_update_at)
     else:
-        fn = fast(torch.compile(sampler._policy_fast), torch.compile(action_update_at))
+        fn = fast(torch.compile(sampler.guided_step.policy), torch.compile(action_update_at))
     ctx = torch.enable_grad() if variant == "reference-autograd" else torch.inference_mode()
     with ctx:
         fn()
