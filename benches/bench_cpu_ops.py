@@ -71,7 +71,10 @@ def test_layer_norm_act(benchmark, variant, shape, threads):
     with torch.no_grad():
         y = fn()  # (compiles the inductor variant)
         ref = act_fn(F.layer_norm(x.float(), (width,), ln.weight.float(), ln.bias.float(), eps)).to(x.dtype)
-        assert (y.float() - ref.float()).abs().max() <= 0.0625  # sanity: a bf16 ulp or two of O(1) values
+        # sanity: ref is rounded once from fp32, so a right kernel is within 2^-7 |ref| (one bf16 ulp) of it; eager
+        # rounds twice (LayerNorm, then the activation) and inductor's fused ELU differs by up to 2 ulps (measured
+        # 1.8 x 2^-7 |ref|): allow 2^-6 |ref|. A wrong eps (x100) or a dropped bias is off by 10^4+ ulps.
+        assert ((y.float() - ref.float()).abs() <= 2**-6 * ref.float().abs()).all()
         rounds = 300 if benchmark.disabled is False else 1
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=20)
     if benchmark.disabled:  # --benchmark-disable (CI smoke run): the body ran once, nothing was timed

@@ -302,8 +302,9 @@ def test_fused_module_under_torch_compile(dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
     else:
-        # bf16 end to end: the compiled Linears/LayerNorms round differently from eager ones; compare loosely.
-        torch.testing.assert_close(y.float(), ref.float(), atol=0.1, rtol=0.05)
+        # bf16 end to end (outputs |y| < 0.75): the compiled Linears/LayerNorms round differently from eager ones,
+        # measured max difference 0.0039 (a few bf16 ulps); a wrong activation in the fused op gives 0.45.
+        torch.testing.assert_close(y.float(), ref.float(), atol=0.02, rtol=0)
     torch.testing.assert_close(y, eager, atol=1e-4 if dtype == torch.float32 else 0.05, rtol=0.02)
     torch.testing.assert_close(y2, ref2, atol=1e-4 if dtype == torch.float32 else 0.05, rtol=0.02)
     if cln.available():  # one graph, with the fused op in it (opaque custom op, no graph break)

@@ -42,9 +42,19 @@ def test_mlp_embed_dim_is_a_minimum():
     assert m.input_proj.out_features == 128
 
 
-@pytest.mark.parametrize("dims", [HOPPER, WALKER])
-def test_transformer_parameter_count_matches_paper(dims):
-    assert 7_240_000 <= n_params(build_denoiser(TransformerDenoiserConfig(), **dims)) <= 7_300_000
+def transformer_param_formula(horizon, transition_dim, action_dim, n=312, layers=6):
+    """The architecture's count, biases and LayerNorm affines included: token embedding Linear(D + A, n), H
+    learned positions, time MLP 2 x Linear(n, n), per block 2 LayerNorms (4n) + attention qkv/proj (4n^2 + 4n) +
+    MLP n -> 4n -> n (8n^2 + 5n), head Linear(n, D)."""
+    block = 4 * n + (4 * n * n + 4 * n) + (8 * n * n + 5 * n)
+    return ((transition_dim + action_dim + 1) * n + horizon * n + 2 * (n * n + n) + layers * block
+            + (n + 1) * transition_dim)
+
+
+@pytest.mark.parametrize("dims, expected", [(HOPPER, 7_240_909), (WALKER, 7_245_595)])
+def test_transformer_parameter_count_matches_paper(dims, expected):
+    assert transformer_param_formula(**dims) == expected
+    assert n_params(build_denoiser(TransformerDenoiserConfig(), **dims)) == expected
 
 
 def test_transformer_init():

@@ -15,7 +15,7 @@ from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor
 from polygrad_fast.noise import SamplerNoise
-from polygrad_fast.backend import ExecutionOptions, resolve_dtype
+from polygrad_fast.backend import ExecutionOptions, cpu_has_fast_bf16, resolve_dtype
 from polygrad_fast.sampler import FastGuidedSampler, SamplerConfig
 from polygrad_fast.schedule import NoiseSchedule
 
@@ -190,9 +190,12 @@ def test_guidance_scale_tensor_and_override():
     gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
     s.set_guidance_scale(torch.tensor(0.3))
     set_out = s.sample(start, generator=gen())
-    override = FastGuidedSampler(*setup, denoiser_dtype="float32").sample(
-        start, generator=gen(), guidance_scale=torch.tensor(0.3))
+    default = FastGuidedSampler(*setup, denoiser_dtype="float32")
+    override = default.sample(start, generator=gen(), guidance_scale=torch.tensor(0.3))
     assert torch.equal(set_out.actions, override.actions)
+    # both took effect: the default scale (0.005) on the same noise gives other actions (max difference ~2.3)
+    at_default = default.sample(start, generator=gen())
+    assert (at_default.actions - set_out.actions).abs().max() > 0.5
 
 
 def test_low_precision_copy_path_runs_and_tracks_weight_updates():
@@ -214,7 +217,8 @@ def test_low_precision_copy_path_runs_and_tracks_weight_updates():
 
 def test_dtype_resolution():
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cpu")) in (torch.float32, torch.bfloat16)
+    fast_bf16 = cpu_has_fast_bf16()
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if fast_bf16 else torch.float32)
     # a foreign (non-polygrad_fast) denoiser cannot get a bf16 copy: 'auto' keeps it fp32, explicit bf16 raises
     assert FastGuidedSampler(*make_setup()).denoiser_dtype == torch.float32
     with pytest.raises(TypeError, match="low_precision_copy"):
