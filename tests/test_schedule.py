@@ -1,7 +1,6 @@
-"""NoiseSchedule's precision option: float32 tables as the paper's code computes them, their distance from the
-float64 tables, how far that moves a sampled trajectory, and the constructor's input checks.
-
-The float64 tables themselves are checked against numpy in tests/test_reference_sampling.py.
+"""NoiseSchedule: the float64 tables against an independent numpy computation and spot values, the precision
+option (float32 tables as the paper's code computes them, their distance from the float64 tables, how far that
+moves a sampled trajectory), and the constructor's input checks.
 """
 import numpy as np
 import pytest
@@ -14,6 +13,51 @@ from polygrad_fast.sampler import FastGuidedSampler
 from polygrad_fast.schedule import STEP_TABLE_COLUMNS, NoiseSchedule
 
 F32_ULP = 2.0 ** -24  # relative spacing of float32 near 1 is 2^-23; round-to-nearest is off by at most half of it
+
+
+def numpy_tables(T, tau):
+    """The cosine schedule with exponent tau and the posterior q(x_{t-1} | x_t, x_0), float64, written from the
+    formulas (no polygrad_fast code)."""
+    s = np.linspace(0.0, 1.0, T + 1)
+    f = np.cos(s * np.pi / 2) ** (2 * tau)
+    v_start, v_end = 1.0, np.cos(np.pi / 2) ** (2 * tau)
+    out = (v_end - f) / (v_end - v_start)
+    betas = np.clip(1 - out[1:] / out[:-1], 0, 0.999)
+    abar = np.cumprod(1 - betas)
+    abar_prev = np.concatenate([[1.0], abar[:-1]])
+    var = betas * (1 - abar_prev) / (1 - abar)
+    logvar = np.log(np.maximum(var, 1e-20))
+    return {
+        "betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,
+        "sqrt_alphas_cumprod": np.sqrt(abar), "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - abar),
+        "posterior_variance": var, "posterior_log_variance_clipped": logvar,
+        "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1 - abar),
+        "posterior_mean_coef2": (1 - abar_prev) * np.sqrt(1 - betas) / (1 - abar),
+        "posterior_std": np.exp(0.5 * logvar),
+    }
+
+
+@pytest.mark.parametrize("T,tau", [(128, 1.0), (128, 0.1), (17, 0.5), (1, 1.0)])
+def test_schedule_tables_match_numpy_float64(T, tau):
+    schedule = NoiseSchedule(T, tau)
+    for name, want in numpy_tables(T, tau).items():
+        got = getattr(schedule, name)
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-15, err_msg=name)
+    table = schedule.step_table()
+    assert table.shape == (T, 4) and table.dtype == torch.float32
+    for i, name in enumerate(STEP_TABLE_COLUMNS):
+        np.testing.assert_allclose(table[:, i].numpy(), numpy_tables(T, tau)[name], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau,expected", [(1.0, [0.9999, 0.919, 0.698, 0.371, 0.0004]),
+                                          (0.1, [1.0, 0.992, 0.965, 0.906, 0.020])])
+def test_schedule_spot_values(tau, expected):
+    """sqrt(abar_t) at t = 0, 32, 64, 96, 127 for T = 128, as the paper's schedule gives them (3-4 digits)."""
+    got = numpy_tables(128, tau)["sqrt_alphas_cumprod"][[0, 32, 64, 96, 127]]
+    np.testing.assert_allclose(got, expected, atol=6e-4)
+    np.testing.assert_allclose(NoiseSchedule(128, tau).sqrt_alphas_cumprod[[0, 32, 64, 96, 127]].numpy(), got)
+    assert NoiseSchedule(128, tau).betas[-1] == pytest.approx(0.999)
 
 
 def paper_float32_tables(T, tau):

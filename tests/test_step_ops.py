@@ -26,8 +26,8 @@ def setup(seed=0):
 
 
 def paper_state_half(x, x_recon, start, t, schedule, norm, clip_state_change, noise, states_for_guidance):
-    """The state half written like the paper's code: extract(table, t) by name from the float64 tables,
-    apply_conditioning, q_posterior, the std from the clipped log variance."""
+    """The state half written like the paper's code: extract(table, t) by name from the schedule's float32
+    tables (``schedule.table``), apply_conditioning, q_posterior, the std from the clipped log variance."""
     def extract(name):
         return schedule.table(name)[torch.full((x.shape[0],), t)].view(-1, 1, 1)
 
