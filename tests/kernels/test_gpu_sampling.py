@@ -130,8 +130,20 @@ def test_sampler_with_triton_ops_matches_torch_ops(device):
     noise = SamplerNoise.draw(12, 2, 3, O + 2, A, generator=torch.Generator(device).manual_seed(3), device=device)
     torch_path = make_sampler(device, n_steps=12).sample(start, normalized=True, noise=noise)
     fused_sampler = make_sampler(device, n_steps=12)
-    fused_sampler.guided_step.ops = triton_ops()
+    calls = {"state_update": 0, "action_update": 0}
+
+    def counted(name, op):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return op(*args, **kwargs)
+        return call
+
+    kernels = triton_ops()
+    fused_sampler.guided_step.ops = type(kernels)(*(counted(n, op) for n, op in zip(kernels._fields, kernels)))
     fused = fused_sampler.sample(start, normalized=True, noise=noise)
+    # the kernels ran at every step (guidance 'grad' with clip_std: the action update also at t = 0), so the
+    # comparison below is kernels vs torch, not torch vs torch
+    assert calls == {"state_update": 12, "action_update": 12}
     torch.testing.assert_close(fused.observations_normalized, torch_path.observations_normalized, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fused.actions_normalized, torch_path.actions_normalized, atol=1e-5, rtol=1e-5)
 
@@ -162,12 +174,17 @@ def test_graph_follows_guidance_scale_and_weights_without_recapture():
     x1, a1, _, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
     x2, a2, _, _ = runner.sample(start, 3, torch.tensor(2.0, device="cuda"), seed=3)
     assert not torch.equal(a1, a2)
+    # the replay at w = 2 is the eager loop at w = 2 (the graph reads the scale tensor, no stale capture)
+    x2_eager, a2_eager, _, _ = run_loop(sampler, start, seed=3, guidance_scale=2.0)
+    torch.testing.assert_close(x2, x2_eager, **GRAPH_TOL)
+    torch.testing.assert_close(a2, a2_eager, **GRAPH_TOL)
     with torch.no_grad():
         for p in sampler.denoiser.parameters():
             p.mul_(0.5)
     x3, _, _, _ = runner.sample(start, 3, torch.tensor(0.5, device="cuda"), seed=3)
     x3_eager, _, _, _ = run_loop(sampler, start, seed=3)
     torch.testing.assert_close(x3, x3_eager, **GRAPH_TOL)
+    assert (x3 - x1).abs().max() > 10 * GRAPH_TOL["atol"]  # the halved weights moved the trajectory
     assert len(runner._graphs) == 1
 
 
