@@ -22,6 +22,7 @@ from torch.distributions import Independent, Normal
 from .diffusion_trainer import (NonFiniteUpdateError, batch_magnitude_hint, check_number, cloned, config_differences,
                                 module_state_problems, nonfinite_tensors, optimizer_state_problems,
                                 raise_if_problems, step_problems)
+from .exclusive import ExclusiveUse, exclusive
 from .policy import Actor, Critic, policy_distribution, standardized_action_moments
 
 ADV_EPS = 1e-8  # added to the advantage std when normalising (as the paper)
@@ -173,10 +174,12 @@ class A2CTrainer:
     ``update(batch)`` does one actor-critic update on imagined trajectories and returns float metrics;
     ``update(batch, log_only=True)`` only measures (no EMA, no optimiser step, nothing changes). The actor's
     ``logstd`` is optimised with the actor but excluded from gradient clipping and from the line-search restore
-    (as the paper).
+    (as the paper). Not safe to share across threads: a call made while another thread is inside
+    ``update``/``load_state_dict`` raises RuntimeError.
     """
 
     def __init__(self, actor: Actor, critic: Critic, config: A2CConfig = A2CConfig()):
+        self._exclusive = ExclusiveUse("A2CTrainer")
         if not isinstance(config, A2CConfig):
             raise TypeError(f"config must be an A2CConfig, got {type(config).__name__}")
         # the update reads the actor's std parameterisation and both networks' configs (saved in the state dict)
@@ -270,6 +273,7 @@ class A2CTrainer:
         return policy_distribution(self.actor(obs), validate_args=False).log_prob(act)
 
     # ------------------------------------------------------------------ update
+    @exclusive
     def update(self, batch: TrajectoryBatch, log_only: bool = False) -> dict[str, float]:
         """One actor-critic update on imagined trajectories -> float metrics (the paper's, without the env ones).
 
@@ -475,6 +479,7 @@ class A2CTrainer:
             "optimizer_actor_lr": self.optimizer_actor_lr.state_dict(),
         }
 
+    @exclusive
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a ``state_dict()``; refused (nothing loaded) if made with another A2CConfig, other network sizes,
         or if it holds non-finite weights."""

@@ -17,6 +17,7 @@ from torch import nn
 from . import backend
 from .diffusion import DiffusionLoss, LossType, make_x0
 from .ema import ModelEMA
+from .exclusive import ExclusiveUse, exclusive
 from .schedule import NoiseSchedule
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -217,11 +218,13 @@ class DiffusionTrainer:
 
     ``train_step(batch)`` does one gradient step and returns float metrics (one host sync, which also checks the
     batch, the loss and the gradient for NaN/inf before the optimiser steps). The sampler uses ``ema_model``.
-    ``loss_fn.noising_fn`` can be replaced by a fused q_sample.
+    ``loss_fn.noising_fn`` can be replaced by a fused q_sample. Not safe to share across threads: a call made
+    while another thread is inside ``train_step``/``load_state_dict`` raises RuntimeError.
     """
 
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule,
                  config: DiffusionTrainerConfig = DiffusionTrainerConfig()):
+        self._exclusive = ExclusiveUse("DiffusionTrainer")
         if not isinstance(config, DiffusionTrainerConfig):
             raise TypeError(f"config must be a DiffusionTrainerConfig, got {type(config).__name__}")
         params = list(denoiser.parameters())
@@ -282,6 +285,7 @@ class DiffusionTrainer:
                                  f"got {list(t.shape)}")
         return [t.to(self.device, non_blocking=True) for t in tensors]
 
+    @exclusive
     def train_step(self, batch: WindowBatch) -> dict[str, float]:
         """One Adam step on a batch of normalised windows -> {'loss', 'obs_mse', 'reward_mse', 'term_mse'}.
 
@@ -339,6 +343,7 @@ class DiffusionTrainer:
             "generator": self.generator.get_state(),
         }
 
+    @exclusive
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Load a ``state_dict()``; refused (nothing loaded) if it was made with another config or model shape."""
         missing = [k for k in ("config", "step", "model", "ema", "optimizer", "scaler", "generator")

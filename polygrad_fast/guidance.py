@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .exclusive import ExclusiveUse, exclusive
+
 
 def _check(name: str, value, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -24,10 +26,12 @@ class GuidanceScaleTuner:
 
     An ``act_std`` that is NaN, inf or negative (a broken imagination batch), or a step that would overflow the
     scale, is skipped, not applied: the scale keeps its value and ``skipped_updates`` (a 0-dim int64 device tensor) counts it. Skipping instead of raising
-    keeps ``update`` free of host syncs; read ``skipped_updates`` when logging.
+    keeps ``update`` free of host syncs; read ``skipped_updates`` when logging. Not safe to share across
+    threads: an ``update``/``load_state_dict`` made while another thread is inside one raises RuntimeError.
     """
 
     def __init__(self, initial: float = 0.005, lr: float = 3e-3, target_std: float = 1.0, device=None):
+        self._exclusive = ExclusiveUse("GuidanceScaleTuner")
         initial = _check("initial guidance scale", initial, positive=True)
         f32 = torch.finfo(torch.float32)
         if not f32.tiny <= initial <= f32.max:  # the scale is a float32 tensor
@@ -43,6 +47,7 @@ class GuidanceScaleTuner:
         """exp(log_scale): 0-dim tensor on the tuner's device."""
         return self.log_scale.exp()
 
+    @exclusive
     def update(self, act_std: torch.Tensor | float) -> torch.Tensor:
         """One SGD step from the standardised-action std of the last batch (one-element tensor or float);
         returns scale. A non-finite or negative act_std (or an overflowing step) leaves the scale unchanged and is
@@ -67,6 +72,7 @@ class GuidanceScaleTuner:
         return {"log_scale": self.log_scale.detach().clone(), "lr": self.lr, "target_std": self.target_std,
                 "skipped_updates": self.skipped_updates.clone()}
 
+    @exclusive
     def load_state_dict(self, state: dict) -> None:
         """Load a ``state_dict()``; a non-finite log scale or invalid lr / target_std is refused (nothing loaded)."""
         missing = [k for k in ("log_scale", "lr", "target_std") if k not in state]
