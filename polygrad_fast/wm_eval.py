@@ -404,9 +404,10 @@ def write_report(results: list[MethodResult], outdir: str | Path) -> dict[str, P
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None, prog: str = "python -m polygrad_fast.wm_eval") -> list[MethodResult]:
-    """``python -m polygrad_fast.wm_eval --preset cpu --outdir DIR [--field value ...]`` (tyro, dotted fields);
-    called as ``main(argv, prog)`` it is also a ``polygrad_fast.cli`` subcommand entry. Bad arguments exit 2."""
+def parse_args(argv: list[str] | None = None,
+               prog: str = "python -m polygrad_fast.wm_eval") -> tuple[WMEvalConfig, Path]:
+    """``(config, outdir)`` from ``--preset NAME --outdir DIR [--field value ...]`` (tyro, dotted fields); bad
+    arguments exit 2 before anything runs."""
     import tyro
 
     pre = argparse.ArgumentParser(prog=prog, add_help=False)
@@ -422,9 +423,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m polygrad_fast.wm_
         exit_usage(prog, str(exc))
     if known.outdir is None:  # checked after tyro so that --help works without it
         exit_usage(prog, "--outdir DIR is required")
+    return cfg, known.outdir
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m polygrad_fast.wm_eval") -> list[MethodResult]:
+    """``python -m polygrad_fast.wm_eval --preset cpu --outdir DIR [--field value ...]``; called as
+    ``main(argv, prog)`` it is also a ``polygrad_fast.cli`` subcommand entry."""
+    cfg, outdir = parse_args(argv, prog)
     results = evaluate(cfg)
-    paths = write_report(results, known.outdir)
-    save_config(cfg, known.outdir / "config.json")
+    paths = write_report(results, outdir)
+    save_config(cfg, outdir / "config.json")
     print(markdown_table(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return results
