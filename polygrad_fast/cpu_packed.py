@@ -28,10 +28,11 @@ _SLOTS = itertools.count()
 
 
 def available() -> bool:
-    """True when this torch build has the oneDNN linear ops and bf16 runs on oneDNN."""
+    """True when this torch build has the oneDNN linear ops and this CPU runs oneDNN bf16 (AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT): on an AVX2-only CPU the bf16 weight reorder raises."""
     ops = torch.ops.mkldnn
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise"))
+            and hasattr(ops, "_linear_pointwise") and bool(ops._is_mkldnn_bf16_supported()))
 
 
 def _packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor, out_features: int,

@@ -164,15 +164,13 @@ def test_differently_configured_compiled_samplers_all_run_compiled():
 
 
 @pytest.mark.skipif(not cpu_layer_norm.available(), reason="polygrad_fast._cpu_ops not built")
-@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])  # compiling: ~1 min
 def test_fused_norm_act_sampler_matches_unfused(compile):
     """cpu_fuse_norm_act: the policy copy (and, eager only, the denoiser copy) run the native LayerNorm+act kernel;
     with the same noise the trajectories match the unfused bf16 sampler to bf16 rounding (the kernel and torch
     differ by at most one bf16 ulp on rare elements), and the user's modules are never modified."""
     denoiser, policy = _models()
-    # oneDNN's bf16 weight reorder raises without AVX512-BW/VL/DQ or AVX-NE-CONVERT (e.g. on AVX2), so the copies are
-    # prepacked only where the packing tests above run; the fused norm is what this test is about
-    kw = dict(denoiser_dtype="bfloat16", backend="torch", compile=compile, cpu_prepack=cpu_has_fast_bf16())
+    kw = dict(denoiser_dtype="bfloat16", backend="torch", compile=compile)
     fused = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), **kw)
     plain = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), cpu_fuse_norm_act=False, **kw)
     fused_mods = lambda m: sum(isinstance(x, cpu_layer_norm.FusedLayerNormAct) for x in m.modules())  # noqa: E731
@@ -184,3 +182,16 @@ def test_fused_norm_act_sampler_matches_unfused(compile):
     a, b = fused.sample(start, noise=noise), plain.sample(start, noise=noise)
     for name in ("observations", "actions"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=0.03, rtol=0.02)
+
+
+def test_explicit_bf16_sampler_with_default_prepack_runs_on_any_cpu():
+    """oneDNN's bf16 weight reorder raises without AVX512-BW/VL/DQ or AVX-NE-CONVERT (e.g. on AVX2 Zen 3), so
+    ``cpu_packed.available()`` must say no there and a bf16 sampler with the default ``cpu_prepack=True`` must run
+    plain instead of crashing (it raised in ``prepack_linears`` before)."""
+    torch.manual_seed(0)
+    denoiser = ResidualMLPDenoiser(H, O + 2, A, MLPDenoiserConfig(hidden_dim=256, num_layers=1)).eval()
+    sampler = FastGuidedSampler(denoiser, NoiseSchedule(2), Actor(O, A, hidden=16), make_normalizer(),
+                                denoiser_dtype="bfloat16")
+    assert (len(sampler._packed) == 1) == cpu_packed.available()
+    out = sampler.sample(torch.randn(3, O))
+    assert torch.isfinite(out.observations).all() and torch.isfinite(out.actions).all()
