@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections import deque
@@ -149,23 +148,6 @@ def refresh_normalizer(normalizer: Normalizer, stats: dict) -> None:
         normalizer[name].std.copy_(fresh[name].std)
 
 
-def refresh_sampler_statistics(sampler: FastGuidedSampler) -> None:
-    """Make ``sampler`` see its normaliser's current statistics after an in-place refresh.
-
-    Workaround: the sampler's ``GuidedStep`` keeps ``std + eps`` tensors made at construction (the means are the
-    normaliser's own tensors); their values are copied in place (no rebuild, no recompile, CUDA graphs keep their
-    memory). To be dropped once the sampler reads the normaliser's std at call time.
-    """
-    step = getattr(sampler, "guided_step", None)
-    for attr, name in (("_obs_stats", "observations"), ("_act_stats", "actions")):
-        cached = getattr(step, attr, None)
-        if cached is not None:
-            mean, scale = cached
-            if mean is not sampler.normalizer[name].mean:
-                raise RuntimeError(f"the sampler holds its own copy of the {name} mean; cannot refresh it in place")
-            scale.copy_(sampler.normalizer[name].scale)
-
-
 def _non_finite(values: dict[str, float]) -> list[str]:
     return [k for k, v in values.items() if not math.isfinite(v)]
 
@@ -233,8 +215,9 @@ class Agent:
         latest = self.checkpoints.latest()
         if latest is not None:
             self.load_state_dict(latest[1])
-        _truncate_metrics(self.logdir / "metrics.jsonl", self.env_steps)  # records past it are logged again
-        self.logger = RunLogger(self.logdir, tensorboard=self.tensorboard)
+        # records past the checkpoint (all of them without one: the run starts over) are logged again
+        self.logger = RunLogger(self.logdir, tensorboard=self.tensorboard,
+                                resume_step=self.env_steps if latest is not None else -1)
         if latest is None:
             self.prefill()
         return latest is not None
@@ -323,7 +306,6 @@ class Agent:
     def refit_normalizer(self, stats: dict) -> None:
         """Steps 1 and 3: the normaliser takes ``stats`` (the whole buffer's), in place; the sampler sees them."""
         refresh_normalizer(self.normalizer, stats)
-        refresh_sampler_statistics(self.sampler)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, deterministic: bool) -> np.ndarray:
@@ -526,16 +508,6 @@ class Agent:
             self.logger.close()
         self.expl_env.close()
         self.eval_env.close()
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl records logged after env step ``step`` (a resumed run logs them again)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- entry points
