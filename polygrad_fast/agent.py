@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import mujoco
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -51,7 +50,7 @@ from .checkpoint import CheckpointManager, capture_rng_states, restore_rng_state
 from .config import to_dict
 from .denoisers import build_denoiser
 from .diffusion_trainer import DiffusionTrainer, NonFiniteUpdateError
-from .envs import SUPPORTED_ENVS, SimStateEnv, random_episodes, run_episode
+from .envs import SimStateEnv, random_episodes, run_episode
 from .evaluation import trajectory_errors
 from .guidance import GuidanceScaleTuner
 from .normalizer import FIELDS, Normalizer
@@ -73,30 +72,6 @@ class NonFiniteError(FloatingPointError):
 
 
 # ---------------------------------------------------------------------------------------------- envs
-class _UnlistedSimStateEnv(SimStateEnv):
-    """``SimStateEnv`` for agent tasks that ``envs.SUPPORTED_ENVS`` does not list (InvertedPendulum).
-
-    Same attributes as ``SimStateEnv.__init__`` sets; to be removed once envs.py lists these tasks.
-    """
-
-    def __init__(self, name: str, seed: int | None = None):
-        self.name = name
-        self.env = gym.make(name)
-        self._mj_model = self.env.unwrapped.model
-        self._mj_data = self.env.unwrapped.data
-        self.sim_state_dim = mujoco.mj_stateSize(self._mj_model, mujoco.mjtState.mjSTATE_INTEGRATION)
-        self.obs_dim = int(np.prod(self.env.observation_space.shape))
-        self.act_dim = int(np.prod(self.env.action_space.shape))
-        self.max_episode_steps = self.env.spec.max_episode_steps
-        self._seed = seed
-        if seed is not None:
-            self.env.action_space.seed(seed)
-
-
-def make_env(name: str, seed: int) -> SimStateEnv:
-    return SimStateEnv(name, seed=seed) if name in SUPPORTED_ENVS else _UnlistedSimStateEnv(name, seed=seed)
-
-
 def action_scale(env: SimStateEnv) -> np.ndarray:
     """Per-dim factor from the agent's action space [-1, 1] (the range of the actor's tanh mean) to the env's.
 
@@ -175,8 +150,8 @@ class Agent:
         self.device = dev = torch.device(cfg.device)
 
         # 1. exploration and evaluation envs (SimStateEnv clips actions; the buffer keeps them unclipped)
-        self.expl_env = make_env(cfg.env, seed=cfg.seed)
-        self.eval_env = make_env(cfg.env, seed=cfg.seed + 10_000)
+        self.expl_env = SimStateEnv(cfg.env, seed=cfg.seed)
+        self.eval_env = SimStateEnv(cfg.env, seed=cfg.seed + 10_000)
         O, A, S = self.expl_env.obs_dim, self.expl_env.act_dim, self.expl_env.sim_state_dim
         self.action_scale = action_scale(self.expl_env)
         self.buffer = TrajectoryBuffer(O, A, S, cfg.capacity)

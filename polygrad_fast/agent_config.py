@@ -17,18 +17,17 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 from .a2c import A2CConfig
 from .backend import ExecutionOptions
 from .denoisers import MLPDenoiserConfig
 from .diffusion_trainer import DiffusionTrainerConfig
+from .envs import SUPPORTED_ENVS, EnvName
 from .sampler import SamplerConfig
 
-# Tasks the agent runs on: the world-model tasks plus InvertedPendulum (a task a 2-core CPU can learn quickly).
-AgentEnv = Literal["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5", "Hopper-v4", "Walker2d-v4",
-                   "HalfCheetah-v4", "Ant-v4", "InvertedPendulum-v5", "InvertedPendulum-v4"]
-AGENT_ENVS: tuple[str, ...] = get_args(AgentEnv)
+# Tasks the agent runs on: the supported MuJoCo tasks (envs.EnvName).
+AgentEnv = EnvName
+AGENT_ENVS: tuple[str, ...] = SUPPORTED_ENVS
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,9 @@ import mujoco
 import numpy as np
 
 # Tasks of the paper (run on the modern v5 MuJoCo bindings; the paper used mujoco-py v3 envs, whose numbers
-# are not strictly comparable) plus v4 for users who need it.
+# are not strictly comparable), v4 for users who need it, and InvertedPendulum (a task a 2-core CPU can learn).
 EnvName = Literal["Hopper-v5", "Walker2d-v5", "HalfCheetah-v5", "Ant-v5",
-                  "Hopper-v4", "Walker2d-v4", "HalfCheetah-v4", "Ant-v4"]
+                  "Hopper-v4", "Walker2d-v4", "HalfCheetah-v4", "Ant-v4", "InvertedPendulum-v5", "InvertedPendulum-v4"]
 SUPPORTED_ENVS: tuple[str, ...] = get_args(EnvName)
 _STATE_SPEC = mujoco.mjtState.mjSTATE_INTEGRATION
 

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from polygrad_fast.a2c import A2CConfig
-from polygrad_fast.agent import (Agent, NonFiniteError, action_scale, env_state, make_env, parse_args,
+from polygrad_fast.agent import (Agent, NonFiniteError, action_scale, env_state, parse_args,
                                  refresh_normalizer, restore_env_state, run)
 from polygrad_fast.agent_config import AGENT_PRESETS, AgentConfig, get_agent_preset
 from polygrad_fast.checkpoint import CheckpointManager
 from polygrad_fast.config import from_dict, to_dict
+from polygrad_fast.envs import SimStateEnv
 from polygrad_fast.run_dir import RunDirError
 from polygrad_fast.sampler import FastGuidedSampler
 from polygrad_fast.normalizer import Normalizer
@@ -136,7 +137,7 @@ def test_stored_actions_are_the_sampled_ones_unless_clipping_is_asked(tmp_path, 
 
 
 def test_env_state_restores_mid_episode_and_the_reset_rng():
-    env, twin = make_env("InvertedPendulum-v5", seed=5), make_env("InvertedPendulum-v5", seed=99)
+    env, twin = SimStateEnv("InvertedPendulum-v5", seed=5), SimStateEnv("InvertedPendulum-v5", seed=99)
     env.reset()
     rng = np.random.default_rng(0)
     for _ in range(3):
@@ -160,8 +161,8 @@ def test_env_state_restores_mid_episode_and_the_reset_rng():
 
 
 def test_action_scale_maps_the_agents_unit_box_to_the_env():
-    assert action_scale(make_env("Hopper-v5", seed=0)).tolist() == [1.0, 1.0, 1.0]  # the paper's tasks: identity
-    assert action_scale(make_env("InvertedPendulum-v5", seed=0)).tolist() == [3.0]
+    assert action_scale(SimStateEnv("Hopper-v5", seed=0)).tolist() == [1.0, 1.0, 1.0]  # the paper's tasks: identity
+    assert action_scale(SimStateEnv("InvertedPendulum-v5", seed=0)).tolist() == [3.0]
 
 
 # ---------------------------------------------------------------------------------------------- the loop

@@ -64,7 +64,9 @@ def test_same_thread_may_reenter_and_copies_get_their_own_guard():
     release, thread = held_elsewhere(tuner._exclusive)
     try:
         for clone in (copy.deepcopy(tuner), pickle.loads(pickle.dumps(tuner))):
+            before = float(clone.log_scale)
             clone.update(torch.tensor(2.0))  # not blocked by the original's holder
+            assert float(clone.log_scale) != before
     finally:
         release.set()
         thread.join()
