@@ -24,8 +24,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train-wm": ("polygrad_fast.train_world_model:cli",
                  "train a world model on a MuJoCo task; error against the simulator"),
     "train": ("polygrad_fast.agent:cli", "online RL in imagination: the PolyGRAD agent on a MuJoCo task"),
-    "wm-eval": ("polygrad_fast.wm_eval:main",
+    "eval-wm": ("polygrad_fast.wm_eval:main",
                 "world-model error comparison: PolyGRAD vs autoregressive baselines, same data and policy"),
+    "wm-eval": ("polygrad_fast.wm_eval:main", "the same as eval-wm (its earlier name)"),
+    "plot": ("polygrad_fast.plotting:main", "PNG learning curves (return or error vs steps, error vs imagined step) "
+             "of run directories"),
     "env-report": ("polygrad_fast.env_report:cli", "versions, native build and active backends of this install"),
 }
 
