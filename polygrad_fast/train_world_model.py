@@ -6,8 +6,13 @@ measure the imagined trajectories' error against the real simulator.
     python -m polygrad_fast.train_world_model ...           # the same command line
 
 The guiding policy is a fixed, randomly initialised actor (the paper's world-model-only runs load a trained
-one; online RL in imagination will train it). Every evaluation also scores a "persistence" predictor (the
-state never changes) on the same windows, so the learned model's error has a yardstick.
+one; the agent, ``polygrad_fast.agent``, trains it). As in the paper's world-model runs, the guidance scale is
+tuned while the model trains: every ``guidance_tuning_interval`` training steps the EMA model imagines
+``guidance_tuning_batch`` trajectories from buffer start states and the tuner takes one step,
+log w <- log w + lr (act_std - 1), with act_std the std of the standardised actions (a - mu(s)) / sigma(s) (logged
+as ``guidance/act_std`` and ``guidance/scale``). Evaluations use the current scale and do not tune. Every
+evaluation also scores a "persistence" predictor (the state never changes) on the same windows, so the learned
+model's error has a yardstick.
 
 Run directory: config.json (the config that ran), metrics.jsonl, buffer.pgbuf (the prefill, written before
 training), checkpoints/step_<N>.pt (every ``checkpoint_interval`` steps and at the end). Rerunning the same
@@ -131,8 +136,6 @@ class WorldModelRun:
         start = windows.start_obs.to(self.sampler.device)
         self.sampler.set_guidance_scale(self.tuner.scale)
         imagined = self.sampler.sample(start, generator=self.generator)
-        if self.cfg.sampler.guidance_type == "grad":
-            self.tuner.update(imagined.metrics["act_std"])
         sim0 = windows.sim_states[:, 0].numpy()
         actions = imagined.actions.cpu().numpy()
         metrics = trajectory_errors(self.env, sim0, actions, imagined.observations.cpu().numpy(),
@@ -144,6 +147,19 @@ class WorldModelRun:
         metrics["imagine/guidance_scale"] = float(self.sampler.guidance_scale)
         metrics["perf/sampler_ms_per_diffusion_step"] = 1e3 * imagined.metrics["sampling_time"] / cfg.n_diffusion_steps
         return metrics
+
+    def tune_guidance(self, step: int) -> dict[str, float]:
+        """One guidance-tuning step: imagine ``guidance_tuning_batch`` trajectories with the current scale from
+        buffer start states, then one tuner update from their act_std; returns the batch's act_std and the scale
+        after the update."""
+        cfg = self.cfg
+        windows = self.buffer.sample_windows(cfg.guidance_tuning_batch, cfg.horizon,
+                                             seed=window_seed(cfg.seed, 2, step), normalize=False)
+        self.sampler.set_guidance_scale(self.tuner.scale)
+        imagined = self.sampler.sample(windows.start_obs.to(self.sampler.device), generator=self.generator)
+        scale = self.tuner.update(imagined.metrics["act_std"])
+        return {"guidance/act_std": float(imagined.metrics["act_std"]), "guidance/scale": float(scale),
+                "guidance/skipped_updates": int(self.tuner.skipped_updates)}
 
     def _log_eval(self, step: int) -> None:
         self.last_eval = self.evaluate(step)
@@ -160,6 +176,7 @@ class WorldModelRun:
         if cfg.train_steps == 0 and not self.last_eval:
             self._log_eval(0)
             self.save_checkpoint(0)
+        tuning = cfg.tune_guidance and cfg.sampler.guidance_type == "grad"  # the scale acts on grad guidance only
         t_log, n_since = time.perf_counter(), 0
         bar = tqdm(range(self.step + 1, cfg.train_steps + 1), disable=not self.progress, desc="world model",
                    unit="step", initial=self.step, total=cfg.train_steps)
@@ -173,6 +190,10 @@ class WorldModelRun:
             if not np.isfinite(metrics["loss"]):
                 raise FloatingPointError(f"diffusion loss became {metrics['loss']} at step {step}")
             last = step == cfg.train_steps
+            if tuning and step % cfg.guidance_tuning_interval == 0:
+                t0 = time.perf_counter()
+                self.logger.log(step, self.tune_guidance(step), echo=False)
+                t_log += time.perf_counter() - t0  # tuning time is not training throughput
             if step % cfg.log_interval == 0 or last:
                 now = time.perf_counter()
                 record = {f"diffusion/{k}": v for k, v in metrics.items()}

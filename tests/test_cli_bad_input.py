@@ -29,6 +29,9 @@ CASES = [
     (["--eval_interval", "0"], "eval_interval must be an int >= 1, got 0"),
     (["--checkpoint_interval", "0"], "checkpoint_interval must be an int >= 1, got 0"),
     (["--eval_batch", "0"], "eval_batch must be an int >= 1, got 0"),
+    (["--guidance_tuning_interval", "0"], "guidance_tuning_interval must be an int >= 1, got 0"),
+    (["--guidance_tuning_batch", "-2"], "guidance_tuning_batch must be an int >= 1, got -2"),
+    (["--guidance_tuning_lr", "inf"], "guidance_tuning_lr must be a finite number, got inf"),
     (["--seed", "-1"], "seed must be an int >= 0 and <= 1073741823, got -1"),
     (["--noise_tau", "nan"], "noise_tau must be a finite number, got nan"),
     (["--env", "Hopper-v9"], "invalid choice 'Hopper-v9' for argument '--env'. Expected one of ('Hopper-v5', "

@@ -81,6 +81,32 @@ def test_zero_train_steps_evaluates_the_untrained_model(tmp_path, monkeypatch):
     assert twm.run(cfg, tmp_path / "run", progress=False) == final  # rerun: already complete
 
 
+def test_guidance_is_tuned_during_training(tmp_path):
+    """Every guidance_tuning_interval steps one imagination batch moves log w by lr (act_std - 1); evaluations
+    image with the tuned scale and do not tune; --no_tune_guidance keeps the initial scale."""
+    import math
+
+    cfg = small(guidance_tuning_interval=10, guidance_tuning_batch=8, guidance_tuning_lr=0.5)
+    twm.run(cfg, tmp_path / "tuned", progress=False)
+    recs = records(tmp_path / "tuned")
+    tuning = [r for r in recs if "guidance/scale" in r]
+    assert [r["step"] for r in tuning] == [10, 20, 30]
+    log_w = math.log(cfg.sampler.guidance_scale)
+    for r in tuning:
+        log_w += cfg.guidance_tuning_lr * (r["guidance/act_std"] - 1.0)
+        assert math.isclose(math.log(r["guidance/scale"]), log_w, rel_tol=1e-5, abs_tol=1e-6)  # float32 tensor
+        assert r["guidance/skipped_updates"] == 0
+    evals = {r["step"]: r["imagine/guidance_scale"] for r in recs if "imagine/guidance_scale" in r}
+    assert evals == {r["step"]: r["guidance/scale"] for r in tuning}  # each eval follows that step's tuning
+    assert abs(log_w - math.log(cfg.sampler.guidance_scale)) > 0.01  # the scale moved
+
+    twm.run(dataclasses.replace(cfg, tune_guidance=False), tmp_path / "fixed", progress=False)
+    recs = records(tmp_path / "fixed")
+    assert not any("guidance/scale" in r for r in recs)
+    fixed = [r["imagine/guidance_scale"] for r in recs if "imagine/guidance_scale" in r]
+    assert len(fixed) == 3 and fixed == pytest.approx([cfg.sampler.guidance_scale] * 3, rel=1e-6)
+
+
 class Crash(Exception):
     pass
 
