@@ -8,14 +8,20 @@ Backends (``BACKENDS``):
 
 ``POLYGRAD_FAST_BACKEND`` (one of the names above or ``auto``) overrides the requested backend, so a whole run
 (tests, CI) can be forced onto one path without touching code.
+
+CPU instruction sets (``cpu_isa``: AMX / AVX512-BF16 / AVX512 / AVX2 / default) and the choices measured on the
+running CPU rather than fixed thresholds: ``measured_cpu_dtype`` (what dtype 'auto' means on CPU) and
+``choose_fastest``, the rule both it and ``cpu_packed.packing_pays_off`` apply to their timings.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import typing
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Literal
 
 import torch
@@ -61,12 +67,15 @@ def check_fields(cfg) -> None:
 class ExecutionOptions:
     """How ``FastGuidedSampler`` runs (the trajectories' distribution does not depend on these, up to precision).
 
-    denoiser_dtype / policy_dtype: compute dtype of the fast path's copies ('auto': ``resolve_dtype``; the
-    policy's 'auto' follows the resolved denoiser dtype). compile: ``torch.compile`` the whole reverse step
-    (torch backend). backend: see ``select_backend``. sync_weights: refresh the low-precision copies from the
-    live modules at every ``sample()`` call. cpu_prepack: the CPU bf16 denoiser copy runs its large Linears on
-    oneDNN-prepacked weights (``polygrad_fast.cpu_packed``), the residual skip added in the GEMM epilogue, repacked
-    at each weight sync; batches in ``cpu_packed.PLAIN_ROWS`` run plain. cpu_fuse_norm_act: CPU low-precision
+    denoiser_dtype / policy_dtype: compute dtype of the fast path's copies ('auto': ``resolve_dtype``, on CPU the
+    faster of fp32 and bf16 as measured on the running CPU (``measured_cpu_dtype``), or ``POLYGRAD_FAST_CPU_DTYPE``;
+    the policy's 'auto' follows the resolved denoiser dtype; an explicit dtype is never second-guessed). compile:
+    ``torch.compile`` the whole reverse step (torch backend). backend: see ``select_backend``. sync_weights:
+    refresh the low-precision copies from the live modules at every ``sample()`` call. cpu_prepack: the CPU bf16
+    denoiser copy runs its large Linears on oneDNN-prepacked weights (``polygrad_fast.cpu_packed``), the residual
+    skip added in the GEMM epilogue, repacked at each weight sync, each Linear only where packing measured faster
+    on this CPU (``cpu_packed.packing_pays_off``; ``POLYGRAD_FAST_CPU_PREPACK`` forces it); batches in
+    ``cpu_packed.PLAIN_ROWS`` run plain. cpu_fuse_norm_act: CPU low-precision
     copies run LayerNorm followed by ReLU/ELU as one native kernel (``polygrad_fast.cpu_layer_norm``): the policy
     copy always, the denoiser copy only when not compiled (inductor already fuses it there).
     """
@@ -83,24 +92,141 @@ class ExecutionOptions:
         check_fields(self)
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True when this CPU has AMX-BF16 or AVX512-BF16 (bf16 matmuls much faster than fp32 there)."""
-    checks = [getattr(torch.cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+# ---------------------------------------------------------------- CPU instruction sets
+# What a CPU runs its GEMMs with, slowest first. "default": below AVX2 (SSE4.1 / AVX), what a capped run gets.
+ISAS = ("default", "AVX2", "AVX512", "AVX512-BF16", "AMX")
+# ONEDNN_MAX_CPU_ISA values (oneDNN's own names, as also read from DNNL_MAX_CPU_ISA) -> the highest entry of ISAS
+# they allow. Names oneDNN adds later fall back to "no cap" (oneDNN itself caps to what it knows).
+_ONEDNN_CAPS = {"SSE41": "default", "AVX": "default", "AVX2": "AVX2", "AVX2_VNNI": "AVX2", "AVX2_VNNI_2": "AVX2",
+                "AVX512_CORE": "AVX512", "AVX512_CORE_VNNI": "AVX512", "AVX512_CORE_BF16": "AVX512-BF16",
+                "AVX512_CORE_FP16": "AVX512-BF16", "AVX10_1_512": "AVX512-BF16", "AVX512_CORE_AMX": "AMX",
+                "AVX10_1_512_AMX": "AMX", "AVX512_CORE_AMX_FP16": "AMX", "AVX10_1_512_AMX_FP16": "AMX",
+                "DEFAULT": "AMX", "ALL": "AMX"}
+
+
+def cpu_isa_hardware() -> str:
+    """The best entry of ``ISAS`` this CPU has (cpuid through torch.cpu, else /proc/cpuinfo flags); no caps."""
+    names = ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_avx512_supported", "_is_avx2_supported")
+    checks = [getattr(torch.cpu, n, None) for n in names]
     if all(c is not None for c in checks):
-        return any(c() for c in checks)
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        has = [c() for c in checks]
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(f.read().split())
+        except OSError:
+            flags = set()
+        has = ["amx_bf16" in flags, "avx512_bf16" in flags, {"avx512f", "avx512bw", "avx512vl"} <= flags,
+               "avx2" in flags]
+    for isa, ok in zip(("AMX", "AVX512-BF16", "AVX512", "AVX2"), has):
+        if ok:
+            return isa
+    return "default"
+
+
+def onednn_isa_cap() -> str | None:
+    """The entry of ``ISAS`` that ``ONEDNN_MAX_CPU_ISA`` (or ``DNNL_MAX_CPU_ISA``) caps oneDNN to; None when unset
+    or a name this table does not know (oneDNN reads the variable once, at its first GEMM)."""
+    value = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return _ONEDNN_CAPS.get(value)
+
+
+def cpu_isa() -> str:
+    """The ISA the CPU's oneDNN GEMMs run with: ``cpu_isa_hardware()`` capped by ``onednn_isa_cap()``; one of
+    ``ISAS`` (AMX / AVX512-BF16 / AVX512 / AVX2 / default). ATen's own kernels (elementwise, LayerNorm) follow
+    ``torch.backends.cpu.get_cpu_capability()`` (capped by ATEN_CPU_CAPABILITY) instead; see docs/cpu_paths.md."""
+    hw, cap = cpu_isa_hardware(), onednn_isa_cap()
+    return hw if cap is None else ISAS[min(ISAS.index(hw), ISAS.index(cap))]
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN runs bf16 GEMMs natively here (``cpu_isa()`` AMX or AVX512-BF16), i.e. bf16 may pay off;
+    whether it does is ``measured_cpu_dtype``'s call."""
+    return ISAS.index(cpu_isa()) >= ISAS.index("AVX512-BF16")
+
+
+# ---------------------------------------------------------------- choices measured on the running CPU
+CPU_DTYPE_ENV_VAR = "POLYGRAD_FAST_CPU_DTYPE"  # float32 | bfloat16: what 'auto' means on CPU, no measurement
+# A candidate other than the preferred (more precise / simpler) one is taken only if more than this much faster:
+# below it the timings of a shared host do not tell the two apart, and bf16 costs precision.
+TIE_TOLERANCE = 0.10
+# The shape 'auto' is measured at: one hidden Linear of the paper's MLP denoiser (1024 wide) on a B=256 batch.
+PROBE_ROWS, PROBE_WIDTH = 256, 1024
+
+
+def choose_fastest(timings: typing.Mapping[str, float | None], prefer: str,
+                   tie_tolerance: float = TIE_TOLERANCE) -> str:
+    """The name with the smallest time in ``timings`` (seconds; None = unsupported here, never chosen), where any
+    name other than ``prefer`` must beat ``prefer``'s time by more than ``tie_tolerance`` (relative) to be chosen.
+    Raises ValueError if ``prefer`` is missing or unsupported, or a time is not a positive finite number."""
+    if timings.get(prefer) is None:
+        raise ValueError(f"choose_fastest: the preferred candidate {prefer!r} needs a time; got {dict(timings)}")
+    for name, t in timings.items():
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                              or t <= 0):
+            raise ValueError(f"choose_fastest: time of {name!r} must be a positive finite number of seconds or "
+                             f"None (unsupported), got {t!r}")
+    best = min((t, name) for name, t in timings.items() if t is not None)
+    return best[1] if best[0] * (1 + tie_tolerance) < timings[prefer] else prefer
+
+
+def min_time(fn: typing.Callable[[], object], reps: int = 5, warmup: int = 1) -> float:
+    """Smallest wall time of ``reps`` calls of ``fn`` (seconds), after ``warmup`` untimed calls: the min is the
+    least disturbed by other load on a shared host."""
+    for _ in range(warmup):
+        fn()
+    best = math.inf
+    for _ in range(reps):
+        t0 = perf_counter()
+        fn()
+        best = min(best, perf_counter() - t0)
+    return best
+
+
+def linear_time(rows: int, in_features: int, out_features: int, dtype: torch.dtype, reps: int = 5) -> float:
+    """``min_time`` of one ``F.linear`` [rows, in] x [out, in]^T + bias in ``dtype`` on CPU, inference mode."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    w = (torch.randn(out_features, in_features, generator=g) / math.sqrt(in_features)).to(dtype)
+    b = torch.zeros(out_features, dtype=dtype)
+    with torch.inference_mode():
+        return min_time(lambda: torch.nn.functional.linear(x, w, b), reps=reps)
+
+
+def cpu_bf16_gemm_supported() -> bool:
+    """True when this torch runs bf16 GEMMs through oneDNN here (AVX512-BW/VL/DQ, AVX-NE-CONVERT or AMX); else its
+    bf16 matmul is a scalar fallback, far slower than fp32, and not worth timing."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.lru_cache(maxsize=1)
+def measured_cpu_dtype() -> torch.dtype:
+    """The faster of fp32 and bf16 for the denoiser's GEMM on this CPU, measured once per process (cached).
+
+    Times ``linear_time(PROBE_ROWS, PROBE_WIDTH, PROBE_WIDTH)`` in fp32 and, where ``cpu_bf16_gemm_supported()``,
+    in bf16 (a few ms), at torch's current thread count, and returns ``choose_fastest`` of the two with fp32
+    preferred (bf16 must be > ``TIE_TOLERANCE`` faster). No bf16 support: fp32 without timing anything.
+    """
+    timings: dict[str, float | None] = {"float32": None, "bfloat16": None}
+    if cpu_bf16_gemm_supported():
+        timings = {name: linear_time(PROBE_ROWS, PROBE_WIDTH, PROBE_WIDTH, DTYPES[name]) for name in timings}
+    else:
+        timings["float32"] = 1.0  # the only candidate: no need to time it
+    return DTYPES[choose_fastest(timings, prefer="float32")]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> bf16 on CPUs with fast bf16 and on CUDA devices with bf16 (fp16 on older GPUs), else fp32."""
+    """'auto' -> on CPU ``POLYGRAD_FAST_CPU_DTYPE`` (float32 / bfloat16) when set, else ``measured_cpu_dtype()``;
+    on CUDA bf16 where supported (fp16 on older GPUs); fp32 elsewhere. Any other name: that dtype."""
     if name == "auto":
         if device.type == "cpu":
-            return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+            forced = os.environ.get(CPU_DTYPE_ENV_VAR, "").strip().lower()
+            if not forced:
+                return measured_cpu_dtype()
+            if forced not in ("float32", "bfloat16"):
+                raise ValueError(f"environment variable {CPU_DTYPE_ENV_VAR}={forced!r}: expected 'float32' or "
+                                 "'bfloat16' (or unset: measure)")
+            return DTYPES[forced]
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32

@@ -12,16 +12,24 @@ baking weights into the graph (inductor freezing would, and recompiles ~4 s on e
 a tensor, not a Python int, because dynamo bakes int attributes into the graph: every new copy of a packed module
 would then compile its own graph and a few samplers in one process would hit dynamo's recompile limit. ``refresh(module)`` repacks (~0.5 ms per 1024x1024 weight) the Linears whose weight
 changed, and the compiled graph keeps running unchanged.
+
+Whether packing pays off is measured on the running CPU (``packing_pays_off``: packed vs plain GEMM at the batch
+hint, once per weight shape and process), so ``prepack_linears`` swaps only the Linears that measured faster;
+``POLYGRAD_FAST_CPU_PREPACK`` = always / never / measure (default) overrides that.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
+import os
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .backend import choose_fastest, linear_time, min_time
 
 _PACKED: dict[int, torch.Tensor] = {}  # slot -> packed weight (opaque mkldnn tensor)
 _SLOTS = itertools.count()
@@ -127,14 +135,56 @@ PLAIN_ROWS = (512, 1024)
 MIN_WEIGHT_NUMEL = 65536
 
 
+PREPACK_ENV_VAR = "POLYGRAD_FAST_CPU_PREPACK"
+PREPACK_MODES = ("measure", "always", "never")
+
+
+def prepack_mode() -> str:
+    """``POLYGRAD_FAST_CPU_PREPACK`` (one of ``PREPACK_MODES``; unset = 'measure'); ValueError on anything else."""
+    mode = os.environ.get(PREPACK_ENV_VAR, "").strip().lower() or "measure"
+    if mode not in PREPACK_MODES:
+        raise ValueError(f"environment variable {PREPACK_ENV_VAR}={mode!r}: expected one of {PREPACK_MODES}")
+    return mode
+
+
+def packed_linear_time(rows: int, in_features: int, out_features: int, reps: int = 5) -> float:
+    """``backend.min_time`` of one packed bf16 GEMM (+ bias) [rows, in] x [out, in]^T, packed for ``rows``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+    w = torch.randn(out_features, in_features, generator=g).div_(in_features ** 0.5).to(torch.bfloat16)
+    b = torch.zeros(out_features, dtype=torch.bfloat16)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    with torch.inference_mode():
+        return min_time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), reps=reps)
+
+
+@functools.lru_cache(maxsize=None)
+def packing_pays_off(rows: int, in_features: int, out_features: int) -> bool:
+    """True when the packed bf16 GEMM at this shape measured faster than plain bf16 ``F.linear`` on this CPU
+    (``backend.choose_fastest``, plain preferred: packed must be > ``backend.TIE_TOLERANCE`` faster). Measured once
+    per shape and process (a few ms); False without ``available()``. Without the residual add, which only helps
+    the packed side, so the choice errs towards plain."""
+    if not available():
+        return False
+    timings = {"plain": linear_time(rows, in_features, out_features, torch.bfloat16),
+               "packed": packed_linear_time(rows, in_features, out_features)}
+    return choose_fastest(timings, prefer="plain") == "packed"
+
+
 def prepack_linears(module: nn.Module, batch_hint: int = 256, min_numel: int = MIN_WEIGHT_NUMEL) -> int:
-    """In place: swap every bf16 CPU ``nn.Linear`` with >= min_numel weights for a ``PackedLinear``; returns how
-    many. ``batch_hint``: the rows per call oneDNN picks the blocked layout for (any row count stays correct)."""
+    """In place: swap every bf16 CPU ``nn.Linear`` with >= min_numel weights for a ``PackedLinear`` where packing
+    pays off at ``batch_hint`` rows (``prepack_mode()``: 'measure' asks ``packing_pays_off``, 'always' packs every
+    such Linear, 'never' none); returns how many. ``batch_hint``: the rows per call oneDNN picks the blocked
+    layout for (any row count stays correct)."""
+    mode = prepack_mode()
+    if mode == "never" or not available():
+        return 0
     n = 0
     for parent in list(module.modules()):
         for name, child in list(parent._modules.items()):
             if (type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
-                    and child.weight.device.type == "cpu" and child.weight.numel() >= min_numel):
+                    and child.weight.device.type == "cpu" and child.weight.numel() >= min_numel
+                    and (mode == "always" or packing_pays_off(batch_hint, child.in_features, child.out_features))):
                 parent._modules[name] = PackedLinear.from_linear(child, batch_hint)
                 n += 1
     return n

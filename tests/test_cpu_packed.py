@@ -25,6 +25,13 @@ needs_fast_bf16 = pytest.mark.skipif(not (cpu_packed.available() and cpu_has_fas
 H = 4
 
 
+@pytest.fixture(autouse=True)
+def _always_prepack(monkeypatch):
+    """These tests check what packing computes, not whether it pays off here: pack every eligible Linear (the
+    measured choice, ``cpu_packed.packing_pays_off``, is tested with injected timings in test_backend.py)."""
+    monkeypatch.setenv(cpu_packed.PREPACK_ENV_VAR, "always")
+
+
 @needs_fast_bf16
 @pytest.mark.parametrize("rows", [1, 7, 100, 200, 1030])
 def test_packed_linear_equals_bf16_linear(rows):
