@@ -40,6 +40,7 @@ from .baselines import (AutoregressiveDiffusion, AutoregressiveDiffusionConfig, 
                         ProbabilisticEnsemble, Rollout, buffer_transitions, sample_action)
 from .buffer import TrajectoryBuffer
 from .cli import exit_usage
+from .collect import episodes_to_buffer, read_metadata
 from .conditioned_sampling import action_conditioned_sample
 from .config import save_config
 from .denoisers import MLPDenoiserConfig, build_denoiser
@@ -68,7 +69,8 @@ class WMEvalConfig:
     device: str = "cpu"
     """'cpu', 'cuda' or 'cuda:N'."""
     dataset: str | None = None
-    """A trajectory-buffer file (.pgbuf); None: collect ``dataset_steps`` random-action transitions."""
+    """A trajectory-buffer file (.pgbuf: ``polygrad-fast collect``, or a run's buffer.pgbuf); None: collect
+    ``dataset_steps`` random-action transitions."""
     dataset_steps: int = 5000
     """Random-action transitions collected when no dataset is given (whole episodes)."""
     policy_checkpoint: str | None = None
@@ -187,12 +189,17 @@ def check_policy(actor, env: SimStateEnv) -> None:
 
 def collect_dataset(env: SimStateEnv, n_steps: int, seed: int) -> TrajectoryBuffer:
     """Whole random-action episodes until at least ``n_steps`` transitions, in a buffer that holds them all."""
-    episodes = random_episodes(env, n_steps, seed=seed)
-    buffer = TrajectoryBuffer(env.obs_dim, env.act_dim, env.sim_state_dim, sum(len(e.rewards) for e in episodes))
-    for ep in episodes:
-        buffer.add_episode(ep.observations, ep.actions, ep.rewards, ep.sim_states, terminated=ep.terminated,
-                           truncated=ep.truncated)
-    return buffer
+    return episodes_to_buffer(env, random_episodes(env, n_steps, seed=seed))
+
+
+def load_dataset(path: str | Path, env: SimStateEnv) -> TrajectoryBuffer:
+    """A .pgbuf dataset (``polygrad-fast collect`` or a run's buffer.pgbuf) for ``env``: a file whose metadata
+    (``collect.read_metadata``) names another task, or whose dims differ from the env's, is refused (ValueError)."""
+    meta = read_metadata(path)
+    if meta is not None and meta.get("env") != env.name:
+        raise ValueError(f"dataset {str(path)!r} was collected in {meta.get('env')!r}, the evaluation is on "
+                         f"{env.name!r}")
+    return TrajectoryBuffer.load(path, obs_dim=env.obs_dim, act_dim=env.act_dim, sim_state_dim=env.sim_state_dim)
 
 
 def check_dataset(buffer, env: SimStateEnv, horizons, seed: int) -> None:
@@ -247,23 +254,36 @@ def _result(method: str, horizon: int, errors: dict[str, float], seconds: float,
                         errors["errors/reward_mse_std"], seconds, train_seconds, batch)
 
 
-def evaluate(cfg: WMEvalConfig, buffer: TrajectoryBuffer | None = None, actor: nn.Module | None = None,
-             log=print) -> list[MethodResult]:
-    """Every method of ``cfg`` at every horizon on one dataset and one policy; inputs are checked before any
-    training. ``buffer``/``actor`` override ``cfg.dataset``/``cfg.policy_checkpoint``."""
+def prepare_inputs(cfg: WMEvalConfig, buffer: TrajectoryBuffer | None = None, actor: nn.Module | None = None
+                   ) -> tuple[SimStateEnv, TrajectoryBuffer, nn.Module]:
+    """``(env, dataset, policy)`` of a comparison, all checked (``load_policy``/``check_policy``, ``load_dataset``/
+    ``check_dataset``); ``buffer``/``actor`` override ``cfg.dataset``/``cfg.policy_checkpoint``. The caller closes
+    the env; on an error it is closed here."""
     torch.manual_seed(cfg.seed)
     env = SimStateEnv(cfg.env, seed=cfg.seed)
     try:
-        O, A = env.obs_dim, env.act_dim
         if actor is None:
-            actor = load_policy(cfg.policy_checkpoint, cfg.env) if cfg.policy_checkpoint else Actor(O, A)
+            actor = load_policy(cfg.policy_checkpoint, cfg.env) if cfg.policy_checkpoint else \
+                Actor(env.obs_dim, env.act_dim)
         check_policy(actor, env)
         if buffer is None and cfg.dataset is not None:
-            buffer = TrajectoryBuffer.load(cfg.dataset, obs_dim=O, act_dim=A, sim_state_dim=env.sim_state_dim)
+            buffer = load_dataset(cfg.dataset, env)
         elif buffer is None:
             buffer = collect_dataset(env, cfg.dataset_steps, cfg.seed)
         check_dataset(buffer, env, cfg.horizons, cfg.seed)
-        return _evaluate(cfg, env, buffer, actor.to(cfg.device).eval(), log)
+    except BaseException:
+        env.close()
+        raise
+    return env, buffer, actor.to(cfg.device).eval()
+
+
+def evaluate(cfg: WMEvalConfig, buffer: TrajectoryBuffer | None = None, actor: nn.Module | None = None,
+             log=print) -> list[MethodResult]:
+    """Every method of ``cfg`` at every horizon on one dataset and one policy; inputs are checked before any
+    training (``prepare_inputs``)."""
+    env, buffer, actor = prepare_inputs(cfg, buffer, actor)
+    try:
+        return _evaluate(cfg, env, buffer, actor, log)
     finally:
         env.close()
 
@@ -430,7 +450,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m polygrad_fast.wm_
     """``python -m polygrad_fast.wm_eval --preset cpu --outdir DIR [--field value ...]``; called as
     ``main(argv, prog)`` it is also a ``polygrad_fast.cli`` subcommand entry."""
     cfg, outdir = parse_args(argv, prog)
-    results = evaluate(cfg)
+    try:  # a missing or mismatched dataset or policy is a usage error, reported before any training
+        env, buffer, actor = prepare_inputs(cfg)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        exit_usage(prog, str(exc))
+    try:
+        results = _evaluate(cfg, env, buffer, actor, print)
+    finally:
+        env.close()
     paths = write_report(results, outdir)
     save_config(cfg, outdir / "config.json")
     print(markdown_table(results))
