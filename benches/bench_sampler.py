@@ -2,22 +2,32 @@
 
 Shapes: H=10, O=11, A=3, D=13, ResidualMLPDenoiser(hidden 1024, 6 blocks), T=128 (tau 0.1 as Hopper), grad
 guidance, clip_std 3, clip_state_change 0.25, batch 256 and 1024. Reference = fp32 denoiser + autograd guidance,
-one step at a time (polygrad_fast.reference.guided_sampling); fast = bf16 denoiser copy (where the CPU has
-AMX/AVX512-BF16), bf16 policy copy, closed-form guidance, torch.compile ('fast') or eager ('fast-eager').
+one step at a time (polygrad_fast.reference.guided_sampling); fast = the 'auto' dtype (bf16 copies of the
+denoiser and policy where bf16 GEMMs measure faster than fp32 on this CPU, else fp32), closed-form guidance, torch.compile ('fast') or eager ('fast-eager').
 Every timing is the min over rounds (the host is shared and noisy); the fast tests record ``speedup_vs_reference``
 (reference min / fast min) in extra_info, with the thread count and the load average at the time.
+
+The GEMM floor, measured in the same run: the denoiser's per-step GEMMs alone (its Linears but the time MLP's,
+which runs once per call; rows = B, the MLP flattens the window), back to back at the CPU's fastest precision
+(the fastest of fp32, bf16 and prepacked bf16 where oneDNN runs bf16), min over rounds. The fast tests record the
+CPU's ISA (``backend.cpu_isa``), the floor and ``step_over_gemm_floor`` (fast per-step time / floor; the target
+is <= 1.25 at B=256 and B=1024 on every x86 CPU).
 Under ``--benchmark-disable`` (CI smoke) the chains are shortened to T=8. Run:
 
     pytest benches/bench_sampler.py --benchmark-only --benchmark-columns=min,median,rounds -s
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from polygrad_fast import backend, cpu_packed
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser, low_precision_copy
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor, policy_distribution
@@ -33,8 +43,46 @@ ROUNDS = {"reference": 3, "fast": 5, "fast-eager": 3}
 _MIN: dict[tuple, float] = {}  # (batch, path) -> min seconds
 
 
+_FLOOR: dict[int, tuple[float, str]] = {}  # batch -> (GEMM floor seconds per step, its precision)
+TARGET_STEP_OVER_FLOOR = 1.25
+
+
 def _conditions() -> dict:
-    return {"threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], "torch": torch.__version__}
+    return {"threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], "torch": torch.__version__,
+            "isa": backend.cpu_isa()}
+
+
+def _step_gemm_shapes(denoiser: nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of the Linears one reverse step runs: all but the time MLP's (embedded once per call)."""
+    return [(m.in_features, m.out_features) for name, m in denoiser.named_modules()
+            if isinstance(m, nn.Linear) and not name.startswith("time_mlp")]
+
+
+def _gemm_chain_time(shapes, rows: int, precision: str, rounds: int) -> float:
+    """min over rounds of the seconds the GEMMs [rows, in] x [out, in]^T + bias of ``shapes`` take back to back,
+    in 'float32', 'bfloat16' or 'bfloat16-packed' (oneDNN-prepacked weights, as cpu_packed runs them)."""
+    dtype = torch.float32 if precision == "float32" else torch.bfloat16
+    g = torch.Generator().manual_seed(5)
+    ops = []
+    for i, o in shapes:
+        x = torch.randn(rows, i, generator=g).to(dtype)
+        w, b = (torch.randn(o, i, generator=g) / i ** 0.5).to(dtype), torch.zeros(o, dtype=dtype)
+        if precision == "bfloat16-packed":
+            p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+            ops.append(lambda x=x, p=p, b=b: torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], ""))
+        else:
+            ops.append(lambda x=x, w=w, b=b: F.linear(x, w, b))
+    with torch.inference_mode():
+        return backend.min_time(lambda: [op() for op in ops], reps=rounds)
+
+
+def gemm_floor(denoiser: nn.Module, rows: int, rounds: int = 10) -> tuple[float, str]:
+    """(seconds, precision): the denoiser's per-step GEMMs at the fastest precision this CPU has (bf16 only where
+    oneDNN runs it; prepacked only where ``cpu_packed.available()``)."""
+    shapes = _step_gemm_shapes(denoiser)
+    precisions = ["float32"] + (["bfloat16"] if backend.cpu_bf16_gemm_supported() else []) + (
+        ["bfloat16-packed"] if cpu_packed.available() else [])
+    return min((_gemm_chain_time(shapes, rows, p, rounds), p) for p in precisions)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +117,9 @@ def test_guided_sampling(benchmark, hopper, batch, path):
         sampler.sample(start)  # warm-up outside the timing: torch.compile and first-touch allocations
     benchmark.pedantic(lambda: sampler.sample(start), rounds=ROUNDS[path], iterations=1)
     if benchmark.disabled:
+        if path == "fast":  # smoke: the floor's code runs too (input/trunk-input, 6 blocks, output per step)
+            assert len(_step_gemm_shapes(hopper[0])) == 9
+            assert 0 < gemm_floor(hopper[0], batch, rounds=1)[0] < math.inf
         return
     mine = benchmark.stats.stats.min
     _MIN[(batch, path)] = mine
@@ -79,6 +130,15 @@ def test_guided_sampling(benchmark, hopper, batch, path):
     if ref is not None and path != "reference":
         benchmark.extra_info["speedup_vs_reference"] = ref / mine
         line += f", reference {ref:.3f} s -> {ref / mine:.2f}x"
+    if path != "reference":
+        if batch not in _FLOOR:  # measured after the sampler's rounds, in the same process and conditions
+            _FLOOR[batch] = gemm_floor(hopper[0], batch)
+        floor, precision = _FLOOR[batch]
+        step = mine / sampler.schedule.n_steps
+        benchmark.extra_info.update(gemm_floor_ms=floor * 1e3, gemm_floor_precision=precision, step_ms=step * 1e3,
+                                    step_over_gemm_floor=step / floor)
+        line += (f"; ISA {backend.cpu_isa()}: step {step * 1e3:.2f} ms vs the denoiser's GEMMs alone ({precision}) "
+                 f"{floor * 1e3:.2f} ms -> {step / floor:.2f}x the floor (target <= {TARGET_STEP_OVER_FLOOR})")
     print(line + f" [threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}]")
 
 
