@@ -26,6 +26,12 @@
 Checkpoints (every ``checkpoint_interval`` env steps, atomic, last ``keep_checkpoints`` kept) hold everything
 the loop reads, including RNG states and the exploration env's exact mid-episode simulator state, so a killed
 run rerun into the same directory continues as if it had never stopped.
+
+Under ``torchrun`` (``polygrad_fast.distributed``, ``docs/distributed.md``) every rank runs this same loop on the
+same env stream, so buffers, envs and networks are replicas; step 4 imagines ``agent_batch_size / world_size``
+trajectories per rank and gathers them before the (replicated) A2C update, step 5 trains the denoiser on equal
+shards of each batch under DistributedDataParallel, and rank 0 alone evaluates (step 6), logs and writes the
+checkpoints, which also hold every rank's own RNG states (resume needs the same world size).
 """
 from __future__ import annotations
 
@@ -50,13 +56,14 @@ from .checkpoint import CheckpointManager, capture_rng_states, restore_rng_state
 from .config import to_dict
 from .denoisers import build_denoiser
 from .diffusion_trainer import DiffusionTrainer, NonFiniteUpdateError
+from .distributed import SINGLE, DistContext, context_from_env, gather_imagined, process_group, row_shard
 from .envs import SimStateEnv, random_episodes, run_episode
 from .evaluation import trajectory_errors
 from .guidance import GuidanceScaleTuner
 from .normalizer import FIELDS, Normalizer
 from .policy import Actor, Critic
 from .run_dir import prepare_run_dir
-from .run_logging import RunLogger
+from .run_logging import NullLogger, RunLogger
 from .sampler import FastGuidedSampler
 from .schedule import NoiseSchedule
 from .train_world_model import seed_everything, window_seed
@@ -139,15 +146,22 @@ def _tensors(arrays) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- the agent
 class Agent:
-    """The pieces of one online run, built from an ``AgentConfig``; ``train()`` runs the loop."""
+    """The pieces of one online run, built from an ``AgentConfig``; ``train()`` runs the loop.
 
-    def __init__(self, cfg: AgentConfig, logdir: str | Path, progress: bool = True, tensorboard: bool = False):
-        self.cfg, self.logdir, self.progress = cfg, Path(logdir), progress
+    ``dist``: this process's rank in a data-parallel run (``distributed.process_group``); every rank builds the
+    same agent and calls the same methods in the same order (they hold collectives).
+    """
+
+    def __init__(self, cfg: AgentConfig, logdir: str | Path, progress: bool = True, tensorboard: bool = False,
+                 dist: DistContext = SINGLE):
+        self.cfg, self.logdir, self.progress, self.dist = cfg, Path(logdir), progress, dist
+        dist.shard(cfg.agent_batch_size, "agent_batch_size")  # both batches split evenly over the ranks
+        dist.shard(cfg.trainer.batch_size, "trainer.batch_size")
         self.checkpoints = CheckpointManager(self.logdir / "checkpoints", keep_last=cfg.keep_checkpoints)
         if cfg.torch_threads is not None:
             torch.set_num_threads(cfg.torch_threads)
         seed_everything(cfg.seed)
-        self.device = dev = torch.device(cfg.device)
+        self.device = dev = dist.device(cfg.device)
 
         # 1. exploration and evaluation envs (SimStateEnv clips actions; the buffer keeps them unclipped)
         self.expl_env = SimStateEnv(cfg.env, seed=cfg.seed)
@@ -158,7 +172,7 @@ class Agent:
 
         schedule = NoiseSchedule(cfg.n_diffusion_steps, cfg.noise_tau)
         denoiser = build_denoiser(cfg.denoiser, cfg.horizon, O + 2, A).to(dev)
-        self.trainer = DiffusionTrainer(denoiser, schedule, dataclasses.replace(cfg.trainer, seed=cfg.seed))
+        self.trainer = DiffusionTrainer(denoiser, schedule, dataclasses.replace(cfg.trainer, seed=cfg.seed), dist)
         p = cfg.policy
         self.actor = Actor(O, A, p.hidden, p.layers, p.init_std, p.min_std, p.learned_std).to(dev)
         self.critic = Critic(O, p.hidden, p.layers).to(dev)
@@ -167,8 +181,10 @@ class Agent:
         self.normalizer = Normalizer.identity(O, A, device=dev)  # fitted on the prefill in start()
         self.sampler = FastGuidedSampler(self.trainer.ema_model, schedule, self.actor, self.normalizer,
                                          config=cfg.sampler, execution=cfg.execution)
-        self.generators = {name: torch.Generator(dev).manual_seed(cfg.seed * 8 + i)
-                           for i, name in enumerate(("action", "imagine", "errors"))}
+        # "action" is replicated (every rank steps the same env stream), "imagine" is this rank's own stream
+        self.generators = {name: torch.Generator(dev).manual_seed(
+            dist.rank_seed(cfg.seed * 8 + i) if name == "imagine" else cfg.seed * 8 + i)
+            for i, name in enumerate(("action", "imagine", "errors"))}
 
         # loop state (all of it is in the checkpoint)
         self.env_steps = 0
@@ -180,19 +196,20 @@ class Agent:
         self.last_diffusion: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
         self.timers = dict.fromkeys(PHASES, 0.0)
-        self.logger: RunLogger | None = None
+        self.logger: RunLogger | NullLogger | None = None
         self.tensorboard = tensorboard
 
     # ------------------------------------------------------------------ start / resume
     def start(self) -> bool:
         """Resume from the newest checkpoint in the run directory (True), else prefill (False). The directory must
         hold this run's config (``run_dir.prepare_run_dir``)."""
-        latest = self.checkpoints.latest()
+        latest = self.checkpoints.latest(map_location="cpu" if self.dist.enabled else None)
         if latest is not None:
             self.load_state_dict(latest[1])
         # records past the checkpoint (all of them without one: the run starts over) are logged again
         self.logger = RunLogger(self.logdir, tensorboard=self.tensorboard,
-                                resume_step=self.env_steps if latest is not None else -1)
+                                resume_step=self.env_steps if latest is not None else -1) \
+            if self.dist.is_main else NullLogger()
         if latest is None:
             self.prefill()
         return latest is not None
@@ -219,7 +236,8 @@ class Agent:
         cfg = self.cfg
         if self.env_steps == 0 and not self.last_eval:
             self.evaluate_and_log()  # step 6 at env step 0
-        bar = tqdm(total=cfg.n_env_steps, initial=self.env_steps, disable=not self.progress, unit="env step",
+        bar = tqdm(total=cfg.n_env_steps, initial=self.env_steps, disable=not (self.progress and self.dist.is_main),
+                   unit="env step",
                    desc=cfg.env, smoothing=0.05)
         t_log = time.perf_counter()
         try:
@@ -292,11 +310,18 @@ class Agent:
         noise = torch.randn(mean.shape, generator=self.generators["action"], device=self.device)
         return (mean + std * noise)[0].cpu().numpy()
 
-    def imagine(self, n: int, seed: int, generator: torch.Generator, sim_states: bool = False):
-        """Imagined trajectories [n, H, ...] from the first states of ``n`` buffer windows (and the windows)."""
+    def imagine(self, n: int, seed: int, generator: torch.Generator, sim_states: bool = False,
+                sharded: bool = False):
+        """Imagined trajectories [n, H, ...] from the first states of ``n`` buffer windows (and the windows).
+
+        ``sharded``: this rank imagines its equal share of the ``n`` start states and the shards are gathered, in
+        rank order, on every rank (the check below then sees the same batch everywhere)."""
         windows = self.buffer.sample_windows(n, self.cfg.horizon, seed=seed, normalize=False, sim_states=sim_states)
+        start_obs = windows.start_obs[self.dist.shard(n, "the imagined batch")] if sharded else windows.start_obs
         self.sampler.set_guidance_scale(self.tuner.scale)
-        batch = self.sampler.sample(windows.start_obs.to(self.device), generator=generator)
+        batch = self.sampler.sample(start_obs.to(self.device), generator=generator)
+        if sharded and self.dist.enabled:
+            batch = gather_imagined(self.dist, batch)
         bad = [name for name in ("observations", "actions", "rewards")
                if not bool(torch.isfinite(getattr(batch, name)).all())]
         if bad:
@@ -308,7 +333,7 @@ class Agent:
         cfg = self.cfg
         t0 = time.perf_counter()
         batch, _ = self.imagine(cfg.agent_batch_size, window_seed(cfg.seed, _AGENT_WINDOWS, step),
-                                self.generators["imagine"])
+                                self.generators["imagine"], sharded=True)
         t1 = time.perf_counter()
         try:
             metrics = self.a2c.update(batch)
@@ -331,13 +356,16 @@ class Agent:
         self.timers["a2c"] += time.perf_counter() - t1
 
     def diffusion_updates(self) -> None:
-        """Step 5: ``diffusion_steps_per_period`` denoiser steps on normalised buffer windows."""
+        """Step 5: ``diffusion_steps_per_period`` denoiser steps on normalised buffer windows (data-parallel: each
+        rank trains on its equal shard of the same windows)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         for _ in range(cfg.diffusion_steps_per_period):
             windows = self.buffer.sample_windows(cfg.trainer.batch_size, cfg.horizon,
                                                  seed=window_seed(cfg.seed, _TRAIN_WINDOWS, self.trainer.step),
                                                  normalize=True, sim_states=False)
+            if self.dist.enabled:
+                windows = row_shard(windows, self.dist.shard(cfg.trainer.batch_size, "trainer.batch_size"))
             try:
                 metrics = self.trainer.train_step(windows)
             except NonFiniteUpdateError as exc:  # the step was not taken
@@ -378,6 +406,9 @@ class Agent:
         return metrics
 
     def evaluate_and_log(self) -> None:
+        """Step 6 on rank 0 (the evaluation env and the error generator are only read there)."""
+        if not self.dist.is_main:
+            return
         t0 = time.perf_counter()
         self.last_eval = self.evaluate()
         self.timers["eval"] += time.perf_counter() - t0
@@ -423,14 +454,47 @@ class Agent:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> Path:
+        """Write the checkpoint of this env step (rank 0; every rank calls it: the replicas are checked and every
+        rank's own RNG states go into it)."""
         t0 = time.perf_counter()
         for name, module in (("actor", self.actor), ("critic", self.critic), ("denoiser", self.trainer.model),
                              ("EMA denoiser", self.trainer.ema_model)):
             if not all(bool(torch.isfinite(p).all()) for p in module.parameters()):
                 self._fail(f"the {name}'s weights (before checkpointing)", "NaN/inf parameters")
-        path = self.checkpoints.save(self.env_steps, self.state_dict())
+        ranks = None
+        if self.dist.enabled:
+            self.dist.check_replicas(self._replicated(), f"the replicated state at env step {self.env_steps}")
+            ranks = self.dist.gather_objects(self._rank_state(), "gathering every rank's RNG states")
+
+        def save() -> Path:
+            state = self.state_dict()
+            if ranks is not None:
+                state["ranks"] = ranks
+            return self.checkpoints.save(self.env_steps, state)
+
+        path = self.dist.on_main(save, f"writing the checkpoint of env step {self.env_steps}")
         self.timers["checkpoint"] += time.perf_counter() - t0
         return path
+
+    def _replicated(self) -> dict[str, torch.Tensor]:
+        """What must be bit-identical on every rank: networks, EMA, the learned LR and guidance scale, the
+        buffer's statistics, the env's observation and the action noise stream."""
+        out = {f"{name}.{k}": v for name, module in (("actor", self.actor), ("critic", self.critic),
+                                                     ("critic_target", self.a2c.critic_target),
+                                                     ("denoiser", self.trainer.model),
+                                                     ("ema", self.trainer.ema_model))
+               for k, v in module.state_dict().items()}
+        out.update({"log_actor_lr": self.a2c.log_actor_lr, "guidance_log_scale": self.tuner.log_scale,
+                    "obs": torch.from_numpy(self.obs), "action_generator": self.generators["action"].get_state(),
+                    "buffer_transitions": torch.tensor(self.buffer.num_transitions)})
+        for name, (mean, std) in self.normalizer.state_dict().items():
+            out[f"normalizer.{name}"] = torch.from_numpy(np.stack([mean, std]))
+        return out
+
+    def _rank_state(self) -> dict[str, Any]:
+        """This rank's own random streams: process RNGs, imagination noise, the diffusion trainer's t / noise."""
+        return {"process": capture_rng_states(), "imagine": self.generators["imagine"].get_state().cpu(),
+                "trainer_generator": self.trainer.generator.get_state().cpu()}
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the loop reads: networks, EMA, optimisers and learned actor LR (trainer / A2C states),
@@ -438,6 +502,7 @@ class Agent:
         ep = self.episode
         return {
             "format": CHECKPOINT_FORMAT, "config": to_dict(self.cfg), "env_steps": self.env_steps,
+            "world_size": self.dist.world_size,
             "trainer": self.trainer.state_dict(), "a2c": self.a2c.state_dict(), "guidance": self.tuner.state_dict(),
             "normalizer": {k: (torch.from_numpy(m), torch.from_numpy(sd)) for k, (m, sd) in
                            self.normalizer.state_dict().items()},
@@ -454,6 +519,11 @@ class Agent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:  # a format this code cannot read is refused, not guessed
             raise ValueError(f"checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        saved_world = state.get("world_size", 1)  # checkpoints from before data-parallel runs: one process
+        if saved_world != self.dist.world_size or len(state.get("ranks", [None])) != saved_world:
+            raise ValueError(f"this checkpoint was written by a run of {saved_world} process(es) but this run has "
+                             f"{self.dist.world_size}: resume it with the same world size (torchrun "
+                             f"--nproc_per_node {saved_world}{' ...' if saved_world > 1 else ', or without torchrun'})")
         self.trainer.load_state_dict(state["trainer"])  # refuses another config or network shape
         self.a2c.load_state_dict(state["a2c"])
         self.tuner.load_state_dict(state["guidance"])
@@ -477,6 +547,11 @@ class Agent:
         self.last_agent, self.last_diffusion = state["last_agent"], state["last_diffusion"]
         self.last_eval = state["last_eval"]
         self.timers = dict(state["timers"])
+        if self.dist.enabled:  # this rank's own streams (rank 0's are also the ones restored above)
+            own = state["ranks"][self.dist.rank]
+            restore_rng_states(own["process"])
+            self.generators["imagine"].set_state(own["imagine"])
+            self.trainer.generator.set_state(own["trainer_generator"])
 
     def close(self) -> None:
         if self.logger is not None:
@@ -491,19 +566,22 @@ def run(config: AgentConfig, logdir: str | Path, overwrite: bool = False, progre
     """Train an agent with ``config`` in ``logdir`` and return the final metrics: ``eval/return_mean`` (the final
     evaluation return), the final world-model errors, ``env_steps``, ``wall_seconds`` and the last A2C update's
     ``agent/*`` metrics. A directory holding this config resumes from its newest checkpoint; another config is
-    refused (``run_dir.RunDirError`` naming the differing fields) unless ``overwrite``."""
+    refused (``run_dir.RunDirError`` naming the differing fields) unless ``overwrite``. Under torchrun every rank
+    calls this; rank 0 prepares the directory and writes ``final_metrics.json``."""
     t0 = time.perf_counter()
-    prepare_run_dir(logdir, config, overwrite=overwrite)
-    agent = Agent(config, logdir, progress=progress, tensorboard=tensorboard)
-    try:
-        if agent.start():
-            print(f"resuming the run in {logdir} at env step {agent.env_steps} of {config.n_env_steps}",
-                  file=sys.stderr, flush=True)
-        final = agent.train()
-    finally:
-        agent.close()
+    with process_group(config.device) as dist:  # torchrun's ranks; a plain process: one rank, nothing changes
+        dist.on_main(lambda: prepare_run_dir(logdir, config, overwrite=overwrite), "preparing the run directory")
+        agent = Agent(config, logdir, progress=progress, tensorboard=tensorboard, dist=dist)
+        try:
+            if agent.start() and dist.is_main:
+                print(f"resuming the run in {logdir} at env step {agent.env_steps} of {config.n_env_steps}",
+                      file=sys.stderr, flush=True)
+            final = agent.train()
+        finally:
+            agent.close()
     final["wall_seconds"] = time.perf_counter() - t0
-    (Path(logdir) / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
+    if dist.is_main:
+        (Path(logdir) / "final_metrics.json").write_text(json.dumps(final, indent=2, sort_keys=True) + "\n")
     return final
 
 
@@ -529,6 +607,8 @@ def cli(argv: list[str] | None = None, prog: str = "polygrad-fast train") -> Non
         raise SystemExit(2)
     logdir = opts.logdir or Path(f"runs/agent/{cfg.env}/{preset}_seed{cfg.seed}")
     final = run(cfg, logdir, overwrite=opts.overwrite, progress=opts.progress, tensorboard=opts.tensorboard)
+    if not context_from_env().is_main:  # under torchrun rank 0 reports
+        return
     print(f"done: {int(final['env_steps'])} env steps on {cfg.env}; final evaluation return "
           f"{final.get('eval/return_mean', float('nan')):.1f}; {final['wall_seconds']:.0f} s; run directory {logdir}")
 

@@ -2,11 +2,13 @@
 
 As the paper's world-model trainer: Adam without weight decay or clipping, EMA every 10 steps (hard copy before step
 2000), fp16 autocast + GradScaler on CUDA. A step whose loss or gradient is not finite changes nothing and raises
-``NonFiniteUpdateError``; the checks shared with the actor-critic trainer (state-dict shapes, configs, batch
+``NonFiniteUpdateError``. Data-parallel (``dist`` of a torchrun launch): each rank takes an equal row shard of the
+batch and ``DistributedDataParallel`` averages the gradients, so the step is the whole batch's; the checks shared with the actor-critic trainer (state-dict shapes, configs, batch
 magnitudes) live here too.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Protocol, get_args
@@ -16,6 +18,7 @@ from torch import nn
 
 from . import backend
 from .diffusion import DiffusionLoss, LossType, make_x0
+from .distributed import SINGLE, DistContext
 from .ema import ModelEMA
 from .exclusive import ExclusiveUse, exclusive
 from .schedule import NoiseSchedule
@@ -220,10 +223,16 @@ class DiffusionTrainer:
     batch, the loss and the gradient for NaN/inf before the optimiser steps). The sampler uses ``ema_model``.
     ``loss_fn.noising_fn`` can be replaced by a fused q_sample. Not safe to share across threads: a call made
     while another thread is inside ``train_step``/``load_state_dict`` raises RuntimeError.
+
+    ``dist`` (an initialised process group's context): every rank calls ``train_step`` on its own shard of
+    the batch (equal sizes); the forward runs under ``DistributedDataParallel`` (gradients averaged, parameters
+    broadcast from rank 0 at construction), the returned metrics and the finiteness checks are averaged over the
+    ranks (so all ranks take or refuse the step together), and the t / noise generator is seeded with
+    ``dist.rank_seed(config.seed)``. ``model`` stays the plain module (state dicts are unchanged).
     """
 
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule,
-                 config: DiffusionTrainerConfig = DiffusionTrainerConfig()):
+                 config: DiffusionTrainerConfig = DiffusionTrainerConfig(), dist: DistContext = SINGLE):
         self._exclusive = ExclusiveUse("DiffusionTrainer")
         if not isinstance(config, DiffusionTrainerConfig):
             raise TypeError(f"config must be a DiffusionTrainerConfig, got {type(config).__name__}")
@@ -245,8 +254,20 @@ class DiffusionTrainer:
         self.optimizer = torch.optim.Adam(denoiser.parameters(), lr=config.lr)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.ema = ModelEMA(denoiser, config.ema_decay, config.step_start_ema, config.update_ema_every)
+        self.dist = dist
+        self._train_model = denoiser  # what the loss calls: the module itself, or its DDP wrapper
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # buffers are not trained and identical on every rank: synced once at construction, not per forward
+            # (older torch names the option broadcast_buffers; newer versions deprecate that name)
+            no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+                DistributedDataParallel).parameters else "broadcast_buffers"
+            self._train_model = DistributedDataParallel(
+                denoiser, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **{no_sync: False})
         self.generator = torch.Generator(self.device)
-        self.generator.manual_seed(config.seed)
+        self.generator.manual_seed(dist.rank_seed(config.seed))
         self.step = 0
 
     @property
@@ -299,7 +320,7 @@ class DiffusionTrainer:
         self.model.train()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         with torch.autocast(self.device.type, dtype=dtype, enabled=self.precision != "fp32"):
-            loss, metrics = self.loss_fn(self.model, x0, act, generator=self.generator)
+            loss, metrics = self.loss_fn(self._train_model, x0, act, generator=self.generator)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         checks = [torch.isfinite(t).all() for t in (obs, act, rew, term)] + [torch.isfinite(loss)]
@@ -308,9 +329,11 @@ class DiffusionTrainer:
             if grads:
                 checks.append(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
         values = torch.cat([torch.stack([loss.detach(), *metrics.values()]).float(),
-                            torch.stack(checks).float()]).tolist()  # the one host sync of the step
+                            torch.stack(checks).float()])
+        # over equal shards: the whole batch's loss and metrics; a check passes only if it passed on every rank
+        values = self.dist.reduce(values, "the diffusion step's metrics").tolist()  # the one host sync of the step
         n = 1 + len(metrics)
-        ok = values[n:]
+        ok = [v >= 1.0 for v in values[n:]]
         if not all(ok):
             self.optimizer.zero_grad(set_to_none=True)
             self.generator.set_state(generator_state)

@@ -1,4 +1,8 @@
-"""Run logging: every record goes to stdout and to ``metrics.jsonl``; TensorBoard is optional."""
+"""Run logging: every record goes to stdout and to ``metrics.jsonl``; TensorBoard is optional.
+
+In a data-parallel run only rank 0 logs (``RunLogger``); the other ranks hold a ``NullLogger``, so the loop calls
+``log`` the same way everywhere and the run directory gets one log.
+"""
 from __future__ import annotations
 
 import json
@@ -65,6 +69,19 @@ class RunLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NullLogger:
+    """``RunLogger``'s interface, writing nothing: the logger of a data-parallel run's ranks other than 0."""
+
+    def __init__(self):
+        self.records: list[dict[str, Any]] = []
+
+    def log(self, step: int, metrics: Mapping[str, Any], echo: bool | Iterable[str] = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _truncate(path: Path, last_step: int) -> list[dict[str, Any]]:
