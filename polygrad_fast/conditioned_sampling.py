@@ -29,12 +29,13 @@ def _check(name: str, x, dims: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def action_conditioned_sample(denoiser, schedule: NoiseSchedule, start_obs: torch.Tensor, actions: torch.Tensor,
-                              *, noise: SamplerNoise | None = None,
+                              *, sampling_steps: int | None = None, noise: SamplerNoise | None = None,
                               generator: torch.Generator | None = None) -> torch.Tensor:
     """x [B,H,D] (normalised) sampled given start_obs [B,O] and actions [B,H,A] (both normalised).
 
-    ``denoiser(x [B,H,D], actions [B,H,A], t [B]) -> x0 [B,H,D]``. Noise: ``noise`` (explicit; only ``x_T`` and
-    ``state`` are read) or one draw from ``generator``.
+    ``denoiser(x [B,H,D], actions [B,H,A], t [B]) -> x0 [B,H,D]``. sampling_steps: None for all T trained steps,
+    K in 2..T for the respaced K-step chain (``NoiseSchedule.respaced``; the denoiser gets the trained t_i).
+    Noise: ``noise`` for the K steps (explicit; only ``x_T`` and ``state`` are read) or one draw from ``generator``.
     """
     B, O = _check("start_obs", start_obs, 2).shape
     _check("actions", actions, 3)
@@ -42,16 +43,17 @@ def action_conditioned_sample(denoiser, schedule: NoiseSchedule, start_obs: torc
         raise ValueError(f"actions {list(actions.shape)} on {actions.device} do not match start_obs "
                          f"{list(start_obs.shape)} on {start_obs.device}: expected [B={B}, H, A] on the same device")
     _, H, A = actions.shape
-    T, dev = schedule.n_steps, start_obs.device
+    dev = start_obs.device
+    K = schedule.n_steps if sampling_steps is None else sampling_steps
+    timesteps, table = schedule.respaced(K, device=dev)
     if noise is None:
-        noise = SamplerNoise.draw(T, B, H, O + 2, A, generator=generator, device=dev)
-    noise.check(T, B, H, O + 2, A, device=dev)
-    table = schedule.step_table(device=dev)
-    steps = torch.arange(T, device=dev)[:, None].expand(T, B)
+        noise = SamplerNoise.draw(K, B, H, O + 2, A, generator=generator, device=dev)
+    noise.check(K, B, H, O + 2, A, device=dev)
+    steps = timesteps[:, None].expand(K, B)
     x = impose_start_obs(noise.x_T, start_obs)
-    for t in reversed(range(T)):
-        coef = table[t]
-        x0 = denoiser(x, coef[SQRT_ABAR] * actions, steps[t])
+    for i in reversed(range(K)):
+        coef = table[i]
+        x0 = denoiser(x, coef[SQRT_ABAR] * actions, steps[i])
         mean = coef[COEF1] * x0 + coef[COEF2] * x
-        x = impose_start_obs(mean if t == 0 else mean + coef[SIGMA] * noise.state[t], start_obs)
+        x = impose_start_obs(mean if i == 0 else mean + coef[SIGMA] * noise.state[i], start_obs)
     return x

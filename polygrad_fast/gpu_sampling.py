@@ -1,12 +1,13 @@
 """The GPU fast path of ``FastGuidedSampler``: the whole T-step guided loop captured once in a CUDA graph.
 
-Per (batch, horizon) one graph holds the initial noise, and for every step t the denoiser forward (the sampler's
+Per (batch, horizon) one graph holds the initial noise, and for every chain step i (trained timestep t_i; all T
+steps, or the K of a respaced chain) the denoiser forward (the sampler's
 bf16/fp16 copy), kernel A, the policy forward and kernel B, with all noise drawn inside the kernels from
 (seed, t, element). A call copies the start observations, the guidance scale and a fresh seed into the graph's
 static input tensors (device-side copies: no host sync) and replays.
 
-Noise convention: the noise of reverse step t < T is the kernels' Philox noise of step t; the initial x_T, a_T
-are that of step T, drawn by ``kernels.q_sample`` with sqrt(abar) = 0 and sqrt(1 - abar) = 1 (so it returns the
+Noise convention: the noise of chain step i < K is the kernels' Philox noise of step i; the initial x_T, a_T
+are that of step K, drawn by ``kernels.q_sample`` with sqrt(abar) = 0 and sqrt(1 - abar) = 1 (so it returns the
 noise itself, with the start observation imposed). Everything here imports the kernels lazily: importing this
 module never decorates them (the kernel tests choose the Triton interpreter first).
 """
@@ -63,17 +64,23 @@ class ShapeKeyedCache:
 class GuidedLoop:
     """Static tensors and the loop body for one (batch, horizon); device agnostic.
 
-    ``run()`` executes the T steps eagerly (what the graph captures; on CPU it runs under the Triton interpreter,
-    which is how the body is tested without a GPU): one ``step`` call per t, its noise drawn inside the kernels,
-    so ``step.ops`` must be the fused kernels' (``guided_step.triton_ops()``). step_table [T, 4] on the device.
+    ``run()`` executes the K steps eagerly (what the graph captures; on CPU it runs under the Triton interpreter,
+    which is how the body is tested without a GPU): one ``step`` call per chain step i, its noise drawn inside the
+    kernels, so ``step.ops`` must be the fused kernels' (``guided_step.triton_ops()``). step_table [K, 4] on the
+    device; timesteps: the chain's trained timesteps [K] (``NoiseSchedule.respaced``), None for all K = T.
     Inputs: ``start`` [B,O] normalised, ``seed`` [] int64, ``guidance_scale`` [] fp32. ``run`` returns
     (x [B,H,D], actions [B,H,A], posterior mean - x at t = 0 [B,H,D], the policy's smallest std []).
     """
 
-    def __init__(self, step: GuidedStep, step_table: torch.Tensor, batch: int, horizon: int):
+    def __init__(self, step: GuidedStep, step_table: torch.Tensor, batch: int, horizon: int,
+                 timesteps: torch.Tensor | None = None):
         dev, T = step_table.device, step_table.shape[0]
         O, A = step.normalizer.obs_dim, step.normalizer.act_dim
         self.step, self.step_table, self.batch, self.horizon = step, step_table, batch, horizon
+        self.timesteps = torch.arange(T, device=dev) if timesteps is None else timesteps.to(dev)
+        if self.timesteps.shape != (T,):
+            raise ValueError(f"timesteps: expected [{T}] (one per step-table row), got {list(self.timesteps.shape)}")
+        self._trained_t = self.timesteps.tolist()
         self.start = torch.zeros(batch, O, device=dev)
         self.seed = torch.zeros((), dtype=torch.int64, device=dev)
         self.guidance_scale = torch.zeros((), device=dev)
@@ -90,13 +97,13 @@ class GuidedLoop:
         self._x_start[:, 0, :O].copy_(self.start)
         x, a = q_sample(self._x_start, self._a_zero, self._init_step, *self._unit_tables, None,
                         action_noise_scale=1.0, obs_dim=O, seed=self.seed)
-        step_inputs = step.step_inputs(T, self.batch, dev)  # inside the graph: follows the weights
+        step_inputs = step.step_inputs(self.timesteps, self.batch, dev)  # inside the graph: follows the weights
         std_min = torch.full((), math.inf, device=dev)
-        for t in reversed(range(T)):
-            last = t == 0
-            x, a, change, std_min = step(x, a, step_inputs[t], self.start, self.step_table[t], self.guidance_scale,
-                                         step.clip_state_change_at(t), None, None, last, std_min,
-                                         seed=None if last else self.seed, step=t)  # the last step: no noise
+        for i in reversed(range(T)):
+            last = i == 0
+            x, a, change, std_min = step(x, a, step_inputs[i], self.start, self.step_table[i], self.guidance_scale,
+                                         step.clip_state_change_at(self._trained_t[i]), None, None, last, std_min,
+                                         seed=None if last else self.seed, step=i)  # the last step: no noise
         return x, a, change, std_min
 
 
@@ -121,8 +128,9 @@ class CudaGraphSampler:
     ``enabled`` turns False and the call, like every later one, runs the fallback.
     """
 
-    def __init__(self, step: GuidedStep, step_table: torch.Tensor, fallback: Callable, max_graphs: int = 4):
-        self.step, self.step_table, self.fallback = step, step_table, fallback
+    def __init__(self, step: GuidedStep, step_table: torch.Tensor, fallback: Callable, max_graphs: int = 4,
+                 timesteps: torch.Tensor | None = None):
+        self.step, self.step_table, self.fallback, self.timesteps = step, step_table, fallback, timesteps
         self.enabled = True
         self._graphs = ShapeKeyedCache(max_graphs)
         self._fingerprint = None
@@ -156,7 +164,7 @@ class CudaGraphSampler:
     def _capture(self, batch: int, horizon: int):
         """(loop, graph, outputs): one eager warm-up on a side stream (Triton JIT, cuBLAS, allocator), then capture."""
         device = self.step_table.device
-        loop = GuidedLoop(self.step, self.step_table, batch, horizon)
+        loop = GuidedLoop(self.step, self.step_table, batch, horizon, self.timesteps)
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
         side.wait_stream(current)
@@ -169,8 +177,10 @@ class CudaGraphSampler:
         return loop, graph, outputs
 
 
-def graph_runner_for(step: GuidedStep, step_table: torch.Tensor, fallback: Callable) -> CudaGraphSampler | None:
-    """A ``CudaGraphSampler`` for ``step`` (kernel ops) on step_table's device, or None (with one warning) where
+def graph_runner_for(step: GuidedStep, step_table: torch.Tensor, fallback: Callable,
+                     timesteps: torch.Tensor | None = None) -> CudaGraphSampler | None:
+    """A ``CudaGraphSampler`` for ``step`` (kernel ops) on step_table's device (the chain's table [K, 4] and trained
+    timesteps [K], None: all T), or None (with one warning) where
     the graph path cannot run: no CUDA device with a working Triton, or ``update_states`` (autograd through the
     policy)."""
     if not triton_usable(step_table.device):
@@ -178,6 +188,6 @@ def graph_runner_for(step: GuidedStep, step_table: torch.Tensor, fallback: Calla
     elif step.config.update_states:
         reason = "update_states differentiates through the policy, which a captured graph cannot"
     else:
-        return CudaGraphSampler(step, step_table, fallback)
+        return CudaGraphSampler(step, step_table, fallback, timesteps=timesteps)
     warn_once(f"CUDA-graph guided sampling unavailable ({reason}); using the sampler's eager fast path")
     return None

@@ -82,15 +82,23 @@ class GuidedStep:
         self.denoise = denoiser.forward_embedded if self.embeds_time else denoiser  # (x, a, step_input) -> x0
         self.act_dim = normalizer.act_dim
 
-    def step_inputs(self, n_steps: int, batch: int, device: torch.device) -> list[torch.Tensor]:
-        """What the denoiser gets at each step t (list index t): time_embedding(t) [1, E], or t [B]."""
-        steps = torch.arange(n_steps, device=device)
+    def step_inputs(self, timesteps: int | torch.Tensor, batch: int, device: torch.device) -> list[torch.Tensor]:
+        """What the denoiser gets at each chain step i (list index i): time_embedding(t_i) [1, E], or t_i [B].
+
+        timesteps: the chain's trained timesteps t_i [K] (``NoiseSchedule.respaced``), or T for all of 0..T-1.
+        """
+        steps = (torch.arange(timesteps) if isinstance(timesteps, int) else timesteps).to(device)
         if self.embeds_time:
             return list(self.denoiser.time_embedding(steps)[:, None].unbind(0))
-        return list(steps[:, None].expand(n_steps, batch).contiguous().unbind(0))
+        return list(steps[:, None].expand(len(steps), batch).contiguous().unbind(0))
 
     def clip_state_change_at(self, t: int) -> float | None:
-        """The state-change clamp of step t: the config's value for t <= 10, else None."""
+        """The state-change clamp at trained timestep t: the config's value for t <= 10, else None.
+
+        A respaced chain passes the TRAINED timestep of its step, not the step's index: the clamp guards the
+        low-noise end of the schedule (small sigma_t, where one denoiser error would jump a state), which is a
+        property of abar_t; with K < T steps it then applies at the kept steps with t <= 10 (2 of 16 at T = 128).
+        """
         return self.config.clip_state_change if t <= CLIP_STATE_CHANGE_MAX_T else None
 
     def __call__(self, x, a, step_input, start, coef, g, clip_state_change, state_noise, action_noise, last: bool,

@@ -48,6 +48,9 @@ class SamplerConfig:
     states_for_guidance: the policy sees the x0 prediction ('recon') or the posterior mean ('posterior_mean').
     update_states: ablation, also move the guide states along grad_s log pi (autograd; 'grad' only).
     action_noise_scale: multiplies the noise added to the actions at each reverse step.
+    sampling_steps: None runs all T trained steps; K in 2..T runs the K-step chain on the evenly strided trained
+    timesteps (``NoiseSchedule.respaced``: posterior coefficients recomputed for the longer steps, the denoiser
+    given the trained t, the t <= 10 clamp decided by the trained t). The guidance scale is not rescaled for K.
     How it runs (dtypes, compile, backend, CPU kernels) is ``backend.ExecutionOptions``.
     """
 
@@ -58,9 +61,20 @@ class SamplerConfig:
     states_for_guidance: StatesForGuidance = "recon"
     update_states: bool = False
     action_noise_scale: float = 1.0
+    # The guidance scale w stays per step at any K (GuidanceScaleTuner re-targets act_std = 1 for the K in use).
+    # Measured (random residual-MLP denoiser 128x2, Actor std 1, T = 128, tau = 0.1, H = 10, B = 256, mean of 3
+    # seeds): act_std at w = 0.005 is 0.86 at K = 128, 1.23 at K = 16; at w = 0.05 0.24 vs 0.69. Rescaling w by T/K
+    # at K = 16 gives 0.78 and 0.17 (closer), but the per-step pull w T / (K sigma_pi^2) of a += w (mu_pi - a) /
+    # sigma_pi^2 then reaches 1 at sigma_pi = 0.2 (w = 0.005; act_std 0.76 there) and overshoots the policy mean
+    # beyond it (> 2: an oscillation bounded only by the clip) for the stds the actor reaches (min std 0.1).
+    sampling_steps: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
+        k = self.sampling_steps
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 2):
+            raise ValueError("SamplerConfig.sampling_steps must be None (all trained steps) or an int in 2..T (at "
+                             f"least 2: the final step t = 0 is never guided), got {k!r}")
         for name in ("clip_std", "clip_state_change"):
             v = getattr(self, name)
             if v is not None and not v > 0:
@@ -171,7 +185,13 @@ class FastGuidedSampler:
         self.backend = select_backend(self.device, ex.backend)
         self.guidance_scale = torch.tensor(float(cfg.guidance_scale), device=self.device)
         self._lock = threading.Lock()  # see sample(): one call at a time
-        self.step_table = schedule.step_table(device=self.device)
+        if cfg.sampling_steps is not None and cfg.sampling_steps > schedule.n_steps:
+            raise ValueError(f"SamplerConfig.sampling_steps = {cfg.sampling_steps} but the schedule has T = "
+                             f"{schedule.n_steps} trained steps; expected None or an int in 2..{schedule.n_steps}")
+        # the chain: K trained timesteps t_i and the step table [K, 4] of the respaced posterior (K = T: unchanged)
+        self.n_chain_steps = cfg.sampling_steps or schedule.n_steps
+        self.timesteps, self.step_table = schedule.respaced(self.n_chain_steps, device=self.device)
+        self._trained_t = self.timesteps.tolist()
         if self.backend != "reference":
             self._setup_fast()
 
@@ -230,12 +250,12 @@ class FastGuidedSampler:
         self._graph_runner = None
         if self.backend == "triton":
             from .gpu_sampling import graph_runner_for
-            self._graph_runner = graph_runner_for(self.guided_step, self.step_table, self._sample_loop)
+            self._graph_runner = graph_runner_for(self.guided_step, self.step_table, self._sample_loop, self.timesteps)
 
     def _get_buffers(self, batch: int, horizon: int) -> dict:
         """Preallocated per-call tensors, kept for the last (batch, horizon)."""
         if self._buffers is None or self._buffers["key"] != (batch, horizon):
-            T, D, A, dev = self.schedule.n_steps, self.transition_dim, self.act_dim, self.device
+            T, D, A, dev = self.n_chain_steps, self.transition_dim, self.act_dim, self.device
             self._buffers = {
                 "key": (batch, horizon),
                 "noise": torch.empty(T + 1, batch, horizon, D + A, device=dev),
@@ -259,8 +279,8 @@ class FastGuidedSampler:
         generator-drawn noise (tests); guidance_scale (w >= 0, finite) overrides ``self.guidance_scale`` for this
         call. The input checks cost one host sync before the loop (start_obs finite, w finite and >= 0), none
         inside it; a policy that returns a std <= 0 or NaN, or a non-finite mean, raises ValueError after the
-        loop. The fast path keeps all noise of a call in one buffer [T+1, B, H, D+A] fp32 (84 MB at the paper's
-        B=1024, T=128).
+        loop. The fast path keeps all noise of a call in one buffer [K+1, B, H, D+A] fp32 (K the chain's steps:
+        84 MB at the paper's B=1024, K=T=128).
 
         Threads: calls are serialised by a lock (the fast path reuses preallocated buffers), so a sampler shared
         by several threads gives every call the result it would give alone; for parallel sampling build one
@@ -310,20 +330,21 @@ class FastGuidedSampler:
         if noise is not None:
             if not isinstance(noise, SamplerNoise):
                 raise TypeError(f"noise must be a SamplerNoise, got {type(noise).__name__}")
-            noise.check(self.schedule.n_steps, start_obs.shape[0], horizon, self.transition_dim, self.act_dim,
+            noise.check(self.n_chain_steps, start_obs.shape[0], horizon, self.transition_dim, self.act_dim,
                         self.device)
         return horizon
 
     def _sample_reference(self, start, horizon, g, generator, noise):
         c = self.config
         if noise is None:  # the fast path's noise for the same generator, drawn natively
-            noise = SamplerNoise.draw(self.schedule.n_steps, start.shape[0], horizon, self.transition_dim,
+            noise = SamplerNoise.draw(self.n_chain_steps, start.shape[0], horizon, self.transition_dim,
                                       self.act_dim, generator=generator, device=self.device)
         return guided_sample(
             self.denoiser, self.schedule, self.policy, self.normalizer, start, horizon=horizon,
             guidance_type=c.guidance_type, guidance_scale=g, clip_std=c.clip_std,
             clip_state_change=c.clip_state_change, states_for_guidance=c.states_for_guidance,
-            update_states=c.update_states, action_noise_scale=c.action_noise_scale, noise=noise)
+            update_states=c.update_states, action_noise_scale=c.action_noise_scale, sampling_steps=c.sampling_steps,
+            noise=noise)
 
     def _sync(self) -> None:
         if not self.execution.sync_weights:
@@ -343,8 +364,9 @@ class FastGuidedSampler:
         return self._sample_loop(start, horizon, g, generator, noise)
 
     def _sample_loop(self, start, horizon, g, generator, noise):
-        """The T reverse steps, one ``GuidedStep`` call each (compiled when ``execution.compile``)."""
-        c, B, T, step = self.config, start.shape[0], self.schedule.n_steps, self.guided_step
+        """The K reverse steps, one ``GuidedStep`` call each (compiled when ``execution.compile``): chain step i
+        reads step-table row i and the noise of step i, the denoiser and the clamp see the trained timestep t_i."""
+        c, B, step = self.config, start.shape[0], self.guided_step
         buf = self._get_buffers(B, horizon)
         # update_states needs autograd on the guide states, which inference tensors do not allow.
         grad_mode = torch.no_grad() if c.update_states else torch.inference_mode()
@@ -356,12 +378,13 @@ class FastGuidedSampler:
             x.copy_(noise.x_T)
             x[:, 0, : self.obs_dim] = start
             a.copy_(noise.a_T)
-            step_inputs = step.step_inputs(T, B, self.device)
+            step_inputs = step.step_inputs(self.timesteps, B, self.device)
             change, std_min = None, torch.full((), math.inf, device=self.device)
-            for t in reversed(range(T)):  # rebinding, not copying back: 2 fewer passes per step
-                x, a, change, std_min = self._step(x, a, step_inputs[t], start, self._rows[t], g,
-                                                   step.clip_state_change_at(t), None if t == 0 else noise.state[t],
-                                                   noise.action[t], t == 0, std_min)
+            for i in reversed(range(self.n_chain_steps)):  # rebinding, not copying back: 2 fewer passes per step
+                x, a, change, std_min = self._step(x, a, step_inputs[i], start, self._rows[i], g,
+                                                   step.clip_state_change_at(self._trained_t[i]),
+                                                   None if i == 0 else noise.state[i], noise.action[i], i == 0,
+                                                   std_min)
             # a step may return its input (an identity action update): never hand out the reused buffers
             return ((x.clone() if x is buf["x"] else x), (a.clone() if a is buf["a"] else a), change_metrics(change),
                     std_min)

@@ -135,3 +135,39 @@ class NoiseSchedule:
         """[T, 4] contiguous table with the columns ``STEP_TABLE_COLUMNS``: what one reverse step reads by t."""
         cols = [self.tables[name] for name in STEP_TABLE_COLUMNS]
         return torch.stack(cols, dim=1).to(device=device, dtype=dtype).contiguous()
+
+    def respaced(self, n_sampling_steps: int, device=None,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(kept trained timesteps [K] int64, step table [K, 4]) of the K-step respaced reverse chain.
+
+        The kept steps are ``strided_timesteps(T, K)`` (0 and T-1 always among them). Respacing as improved
+        DDPM (Nichol & Dhariwal 2021): with kept steps S_0 < ... < S_{K-1}, the chain's betas are recomputed from
+        the trained abar, beta'_i = 1 - abar_{S_i} / abar_{S_{i-1}} (abar_{S_{-1}} = 1), so abar'_i = abar_{S_i}
+        and row i holds sqrt(abar_{S_i}) and the posterior q(x_{S_{i-1}} | x_{S_i}, x0) of that longer step
+        (every table derived from beta' as for the trained schedule, in the schedule's ``precision``). Row i is
+        the chain's step i; the denoiser must still be given the trained timestep S_i. K = T returns
+        ``(arange(T), step_table())`` exactly (the identity respacing, without the rounding of recomputing it).
+        """
+        kept = torch.tensor(strided_timesteps(self.n_steps, n_sampling_steps), dtype=torch.int64)
+        if n_sampling_steps == self.n_steps:
+            return kept.to(device), self.step_table(device=device, dtype=dtype)
+        arith = torch.float64 if self.precision == "float64" else torch.float32
+        abar = self.tables["alphas_cumprod"][kept].to(arith)
+        betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=arith), abar[:-1]])
+        tables = _derived_tables(betas)
+        table = torch.stack([tables[name].to(torch.float64) for name in STEP_TABLE_COLUMNS], dim=1)
+        return kept.to(device), table.to(device=device, dtype=dtype).contiguous()
+
+
+def strided_timesteps(n_steps: int, n_sampling_steps: int) -> list[int]:
+    """The K evenly strided trained timesteps of a K-step chain, ascending: t_i = round(i (T-1) / (K-1)), halves
+    rounded up, i = 0..K-1 (so t_0 = 0 and t_{K-1} = T-1; distinct since the stride is >= 1).
+
+    K must be an int in 2..T: the chain's last step (t = 0) is never guided, so a guided chain needs at least one
+    step t >= 1 before it (with K = 1 the actions would stay unguided noise).
+    """
+    k = n_sampling_steps
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n_steps:
+        raise ValueError(f"the number of sampling steps must be an int in 2..{n_steps} (the trained T; at least 2: "
+                         f"the final step t = 0 is never guided), got {k!r}")
+    return [(2 * i * (n_steps - 1) + k - 1) // (2 * (k - 1)) for i in range(k)]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import torch
 from torch.distributions import Distribution, Independent, Normal
 
@@ -43,6 +45,33 @@ def draw_noise(n_steps: int, batch: int, horizon: int, transition_dim: int, acti
     z = torch.from_numpy(standard_normal(int(torch.Size(shape).numel()), seed)).float().view(shape).to(device)
     T, D = n_steps, transition_dim
     return ChainNoise(z[T, ..., :D], z[T, ..., D:], z[:T, ..., :D], z[:T, ..., D:])
+
+
+def respaced_chain(schedule: NoiseSchedule, sampling_steps: int | None,
+                   device=None) -> tuple[list[int], torch.Tensor]:
+    """(trained timesteps t_i, i = 0..K-1, ascending; step table [K, 4] fp32) of the K-step chain.
+
+    None (or K = T): all T steps and ``schedule.step_table()``. Otherwise t_i = round(i (T-1) / (K-1)) (halves up)
+    and row i is the DDPM posterior q(x_s | x_t, x0) between t = t_i and the next kept step s = t_{i-1}, written
+    from the trained abar (float64; abar_s = 1 for i = 0):
+      mean = sqrt(abar_s) (1 - abar_t / abar_s) / (1 - abar_t) x0 + sqrt(abar_t / abar_s) (1 - abar_s) / (1 - abar_t) x_t,
+      var  = (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s),  std = exp(log(max(var, 1e-20)) / 2).
+    """
+    T = schedule.n_steps
+    if sampling_steps is None or sampling_steps == T:
+        return list(range(T)), schedule.step_table(device=device)
+    K = sampling_steps
+    if isinstance(K, bool) or not isinstance(K, int) or not 2 <= K <= T:
+        raise ValueError(f"sampling_steps must be None or an int in 2..{T}, got {K!r}")
+    kept = [int(i * (T - 1) / (K - 1) + 0.5) for i in range(K)]
+    abar = schedule.alphas_cumprod.tolist()
+    rows = []
+    for i, t in enumerate(kept):
+        a_t, a_s = abar[t], (abar[kept[i - 1]] if i > 0 else 1.0)
+        var = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
+        rows.append([math.sqrt(a_t), math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t),
+                     math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t), math.exp(0.5 * math.log(max(var, 1e-20)))])
+    return kept, torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
 
 
 def _check_noise(noise, n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int) -> None:
@@ -118,24 +147,28 @@ def guided_step(
     action_noise_scale: float,
     state_noise: torch.Tensor | None,
     action_noise: torch.Tensor | None,
+    row: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One reverse step of the paper's policy-guided sampler. Returns (x_{t-1} [B,H,D], actions [B,H,A], mu - x_t).
 
     The denoiser predicts x0 from (x_t, sqrt(abar_t) a, t); the state half and the policy's guidance follow
     (``guided_state_update``, ``reference_action_step``); with ``update_states`` the guide states move too.
+    t is the trained timestep (denoiser input, the t <= 10 clamp); the coefficients are ``step_table[row]`` (row
+    None: t; a K-step chain's step index otherwise).
     """
+    row = t if row is None else row
     timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
     with torch.no_grad():
-        x_recon = denoiser(x, extract(step_table, "sqrt_alphas_cumprod", t) * actions, timesteps)
+        x_recon = denoiser(x, extract(step_table, "sqrt_alphas_cumprod", row) * actions, timesteps)
     obs = normalizer["observations"]
     x_next, mean, guide_raw = guided_state_update(
         x, x_recon, start_obs, t, step_table, obs.mean, obs.scale, clip_state_change, state_noise,
-        states_for_guidance)
+        states_for_guidance, row=row)
     new_actions, a_guided = reference_action_step(
-        actions, guide_raw, policy, normalizer, t, extract(step_table, "posterior_std", t), guidance_scale,
+        actions, guide_raw, policy, normalizer, t, extract(step_table, "posterior_std", row), guidance_scale,
         clip_std, action_noise, action_noise_scale, guidance_type)
     if update_states and a_guided is not None:
-        x_next, mean = update_guide_states(x, apply_conditioning(x_recon, start_obs), mean, a_guided, start_obs, t,
+        x_next, mean = update_guide_states(x, apply_conditioning(x_recon, start_obs), mean, a_guided, start_obs, row,
                                            step_table, policy, normalizer, guidance_scale, states_for_guidance,
                                            state_noise)
     return x_next, new_actions, mean - x
@@ -157,7 +190,7 @@ def update_guide_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ablation ``update_states``: guide states s += w * grad_s log pi(a_guided | s) (autograd, normalised s).
 
-    x, x_recon (first obs imposed), mean [B,H,D]; a_guided [B,H,A] raw; t > 0. The updated states replace
+    x, x_recon (first obs imposed), mean [B,H,D]; a_guided [B,H,A] raw; t > 0 the step-table row. The updated states replace
     x_recon's observation columns and the posterior mean is recomputed WITHOUT the t <= 10 clamp (as the paper's
     code). Returns (x_{t-1} [B,H,D] with the first observation imposed, new posterior mean [B,H,D]).
     """
@@ -189,31 +222,34 @@ def guided_sample(
     states_for_guidance: str = "recon",
     update_states: bool = False,
     action_noise_scale: float = 1.0,
+    sampling_steps: int | None = None,
     noise=None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """The paper's policy-guided sampler (p_sample_loop with the policy-guided sample function).
 
     start_obs [B,O] normalised. Returns (x [B,H,D] normalised trajectory, actions [B,H,A] normalised,
-    change metrics of the last step). Noise comes from ``noise`` or, if None, ``draw_noise(generator)``.
+    change metrics of the last step). Noise comes from ``noise`` or, if None, ``draw_noise(generator)``, for the K
+    steps of the chain (``respaced_chain``: K = sampling_steps, None: all T).
     """
     if guidance_type not in GUIDANCE_TYPES:
         raise ValueError(f"guidance_type must be one of {GUIDANCE_TYPES}, got {guidance_type!r}")
     if states_for_guidance not in STATES_FOR_GUIDANCE:
         raise ValueError(f"states_for_guidance must be one of {STATES_FOR_GUIDANCE}, got {states_for_guidance!r}")
     B, O = start_obs.shape
-    D, A, T = O + 2, normalizer.act_dim, schedule.n_steps
+    D, A = O + 2, normalizer.act_dim
+    kept, step_table = respaced_chain(schedule, sampling_steps, device=start_obs.device)
+    K = len(kept)
     if noise is None:
-        noise = draw_noise(T, B, horizon, D, A, generator=generator, device=start_obs.device)
-    _check_noise(noise, T, B, horizon, D, A)
-    step_table = schedule.step_table(device=start_obs.device)
+        noise = draw_noise(K, B, horizon, D, A, generator=generator, device=start_obs.device)
+    _check_noise(noise, K, B, horizon, D, A)
     x = apply_conditioning(noise.x_T, start_obs)
     actions = noise.a_T.clone()
-    for t in reversed(range(T)):
+    for i in reversed(range(K)):
         x, actions, change = guided_step(
-            denoiser, x, actions, start_obs, t, step_table, policy, normalizer, guidance_scale, guidance_type,
+            denoiser, x, actions, start_obs, kept[i], step_table, policy, normalizer, guidance_scale, guidance_type,
             clip_std, clip_state_change, states_for_guidance, update_states, action_noise_scale,
-            noise.state[t], noise.action[t])
+            noise.state[i], noise.action[i], row=i)
     return x, actions, change_metrics(change)
 
 
@@ -224,6 +260,7 @@ def action_conditioned_sample(
     start_obs: torch.Tensor,
     actions: torch.Tensor,
     *,
+    sampling_steps: int | None = None,
     noise=None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -231,20 +268,21 @@ def action_conditioned_sample(
 
     start_obs [B,O] normalised, actions [B,H,A] normalised (fed as sqrt(abar_t)*a). No guidance, no clipping,
     x0 not re-conditioned before the posterior, no noise at t=0; the first observation is re-imposed after
-    every step. Returns x [B,H,D] normalised. Uses ``noise.x_T`` and ``noise.state`` only.
+    every step. The chain is ``respaced_chain(schedule, sampling_steps)``. Returns x [B,H,D] normalised. Uses
+    ``noise.x_T`` and ``noise.state`` only.
     """
     B, H, A = actions.shape
     O = start_obs.shape[-1]
-    T = schedule.n_steps
+    kept, step_table = respaced_chain(schedule, sampling_steps, device=start_obs.device)
+    K = len(kept)
     if noise is None:
-        noise = draw_noise(T, B, H, O + 2, A, generator=generator, device=start_obs.device)
-    _check_noise(noise, T, B, H, O + 2, A)
-    step_table = schedule.step_table(device=start_obs.device)
+        noise = draw_noise(K, B, H, O + 2, A, generator=generator, device=start_obs.device)
+    _check_noise(noise, K, B, H, O + 2, A)
     x = apply_conditioning(noise.x_T, start_obs)
-    for t in reversed(range(T)):
-        timesteps = torch.full((B,), t, dtype=torch.long, device=x.device)
-        x0 = denoiser(x, extract(step_table, "sqrt_alphas_cumprod", t) * actions, timesteps)
-        mu = extract(step_table, "posterior_mean_coef1", t) * x0 + extract(step_table, "posterior_mean_coef2", t) * x
-        x = apply_conditioning(mu if t == 0 else mu + extract(step_table, "posterior_std", t) * noise.state[t],
+    for i in reversed(range(K)):
+        timesteps = torch.full((B,), kept[i], dtype=torch.long, device=x.device)
+        x0 = denoiser(x, extract(step_table, "sqrt_alphas_cumprod", i) * actions, timesteps)
+        mu = extract(step_table, "posterior_mean_coef1", i) * x0 + extract(step_table, "posterior_mean_coef2", i) * x
+        x = apply_conditioning(mu if i == 0 else mu + extract(step_table, "posterior_std", i) * noise.state[i],
                                start_obs)
     return x

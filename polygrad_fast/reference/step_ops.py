@@ -6,7 +6,8 @@ Written the way the paper's code states them (coefficients extracted by name, ``
 
 Shapes: B batch, H horizon, D = O + 2 (normalised obs, reward, terminal), O obs dim, A action dim. ``t`` is the
 reverse-step index (python int, T-1 .. 0; t = 0 is the last step and adds no noise); ``step_table`` is
-``NoiseSchedule.step_table()`` [T, 4] with the columns ``STEP_TABLE_COLUMNS``.
+``NoiseSchedule.step_table()`` [T, 4] with the columns ``STEP_TABLE_COLUMNS``, or a K-step chain's table [K, 4]
+read at ``row`` (the chain's step index) while ``t`` stays the trained timestep (``guided_sampling.respaced_chain``).
 """
 from __future__ import annotations
 
@@ -42,13 +43,14 @@ def guided_state_update(
     clip_state_change: float | None,
     noise: torch.Tensor | None,
     states_for_guidance: str = "recon",
+    row: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """State half of the paper's reverse step t.
+    """State half of the paper's reverse step t (coefficients from ``step_table[row]``; row None: t).
 
     x, x0_pred, noise [B,H,D] normalised; start_obs [B,O] normalised; obs_mean, obs_scale [O]. Returns
     (x_{t-1} [B,H,D], posterior mean [B,H,D], guide states [B,H,O] raw):
       x_recon = apply_conditioning(x0_pred);
-      mu = posterior_mean_coef1_t * x_recon + posterior_mean_coef2_t * x_t        (q_posterior);
+      mu = posterior_mean_coef1 * x_recon + posterior_mean_coef2 * x_t        (q_posterior);
       for t <= 10: mu = x_t + clamp(mu - x_t, -clip_state_change, clip_state_change);
       x_{t-1} = apply_conditioning(mu + posterior_std_t * noise), without the noise at t = 0;
       guide = x_recon ('recon') or mu ('posterior_mean'), observation columns, unnormalised.
@@ -56,11 +58,13 @@ def guided_state_update(
     if states_for_guidance not in STATES_FOR_GUIDANCE:
         raise ValueError(f"states_for_guidance must be one of {STATES_FOR_GUIDANCE}, got {states_for_guidance!r}")
     obs_dim = start_obs.shape[-1]
+    row = t if row is None else row
     x_recon = apply_conditioning(x0_pred, start_obs)
-    mu = extract(step_table, "posterior_mean_coef1", t) * x_recon + extract(step_table, "posterior_mean_coef2", t) * x
+    mu = (extract(step_table, "posterior_mean_coef1", row) * x_recon
+          + extract(step_table, "posterior_mean_coef2", row) * x)
     if t <= 10 and clip_state_change is not None:
         mu = x + torch.clamp(mu - x, -clip_state_change, clip_state_change)
-    x_prev = mu if t == 0 else mu + extract(step_table, "posterior_std", t) * noise
+    x_prev = mu if t == 0 else mu + extract(step_table, "posterior_std", row) * noise
     guide = (x_recon if states_for_guidance == "recon" else mu)[..., :obs_dim]
     return apply_conditioning(x_prev, start_obs), mu, guide * obs_scale + obs_mean
 

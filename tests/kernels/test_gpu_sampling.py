@@ -62,7 +62,8 @@ def kernel_step(sampler):
 
 
 def run_loop(sampler, start, seed, guidance_scale=0.5):
-    loop = GuidedLoop(kernel_step(sampler), sampler.step_table, start.shape[0], sampler.denoiser.horizon)
+    loop = GuidedLoop(kernel_step(sampler), sampler.step_table, start.shape[0], sampler.denoiser.horizon,
+                      sampler.timesteps)
     loop.start.copy_(start)
     loop.seed.fill_(seed)
     loop.guidance_scale.fill_(guidance_scale)
@@ -111,6 +112,19 @@ def test_loop_body_matches_torch_path_with_the_kernels_noise(options, device):
     torch.testing.assert_close(a, batch.actions_normalized, atol=1e-5, rtol=1e-5)
     policy_called = options.get("guidance_type") != "none"
     assert change.shape == x.shape and (0 < std_min < float("inf")) == policy_called  # the std is tracked
+
+
+def test_loop_body_runs_the_respaced_chain(device):
+    """sampling_steps = K < T: the loop body reads the K-row table, gives the denoiser the trained t_i and draws
+    the kernels' noise of chain steps 0..K (what the torch path consumes as SamplerNoise of K steps)."""
+    sampler = make_sampler(device, n_steps=24, sampling_steps=5)  # kept t = 0, 6, 12, 17, 23: clamped only at 0, 6
+    start = torch.randn(3, O, device=device)
+    x, a, _, _ = run_loop(sampler, start, seed=4)
+    batch = sampler.sample(start, normalized=True, noise=kernel_noise(4, 5, 3, 3, device))
+    torch.testing.assert_close(x[..., :O], batch.observations_normalized, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, batch.actions_normalized, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"timesteps: expected \[5\]"):
+        GuidedLoop(kernel_step(sampler), sampler.step_table, 3, 3, torch.arange(24))
 
 
 def test_loop_body_seeds(device):
