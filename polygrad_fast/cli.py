@@ -28,6 +28,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                 "world-model error comparison: PolyGRAD vs autoregressive baselines, same data and policy"),
     "wm-eval": ("polygrad_fast.wm_eval:main", "the same as eval-wm (its earlier name)"),
     "collect": ("polygrad_fast.collect:cli", "collect a dataset (.pgbuf) from a random policy or an agent checkpoint"),
+    "render": ("polygrad_fast.render:main", "GIF/MP4: an imagined trajectory next to its real replay, or a policy "
+               "episode (MuJoCo offscreen)"),
     "plot": ("polygrad_fast.plotting:main", "PNG learning curves (return or error vs steps, error vs imagined step) "
              "of run directories"),
     "env-report": ("polygrad_fast.env_report:cli", "versions, native build and active backends of this install"),
