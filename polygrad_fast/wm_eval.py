@@ -1,7 +1,8 @@
 """World-model error comparison: PolyGRAD against autoregressive baselines on the same data, policy and evaluation.
 
-    python -m polygrad_fast.wm_eval --preset cpu --outdir DIR        # minutes on a 2-core CPU
-    python -m polygrad_fast.wm_eval --preset paper --outdir DIR --dataset runs/.../buffer.pgbuf \
+    polygrad-fast eval-wm --preset cpu --outdir DIR                  # minutes on a 2-core CPU (alias: wm-eval)
+    polygrad-fast eval-wm --preset cpu --outdir DIR --sampling_steps 8 16       # + few-step PolyGRAD chains
+    polygrad-fast eval-wm --preset paper --outdir DIR --dataset data.pgbuf \
         --policy_checkpoint runs/.../checkpoints/step_000100000.pt --device cuda
 
 The paper's world-model comparison: with a fixed dataset and a fixed policy pi, each method imagines trajectories
@@ -10,6 +11,10 @@ simulator from the exact stored simulator state (``evaluation.trajectory_errors`
 MSE (mean and std over trajectories) and the first-step reward MSE. Methods:
 
 - ``polygrad``: the trajectory denoiser trained at horizon h, sampled with policy guidance (``FastGuidedSampler``);
+  each K of ``sampling_steps`` adds ``polygrad_kK``: the same model sampled with the K-step strided chain
+  (``SamplerConfig.sampling_steps``);
+- ``polygrad_transformer``: the same with the causal-transformer denoiser (the paper's alternative network,
+  trained with lr 1e-4 as the paper's transformer runs), one per horizon;
 - ``dataset_actions``: the same denoiser given the window's dataset actions (the plain action-conditioned
   sampler), scored against the real states those actions reach: the model's error without the policy's part;
 - ``ar_diffusion``: the H=2 diffusion model rolled out one step at a time (``baselines.autoregressive_diffusion``);
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import math
 import sys
 import time
@@ -43,7 +49,7 @@ from .cli import exit_usage
 from .collect import episodes_to_buffer, read_metadata
 from .conditioned_sampling import action_conditioned_sample
 from .config import save_config
-from .denoisers import MLPDenoiserConfig, build_denoiser
+from .denoisers import DenoiserConfig, MLPDenoiserConfig, TransformerDenoiserConfig, build_denoiser
 from .diffusion_trainer import DiffusionTrainer, DiffusionTrainerConfig
 from .envs import EnvName, SimStateEnv, random_episodes
 from .evaluation import reported_steps, trajectory_errors
@@ -53,7 +59,8 @@ from .presets import check_device, check_number
 from .sampler import FastGuidedSampler, SamplerConfig
 from .schedule import NoiseSchedule
 
-Method = Literal["polygrad", "dataset_actions", "ar_diffusion", "mlp_ensemble", "persistence"]
+Method = Literal["polygrad", "polygrad_transformer", "dataset_actions", "ar_diffusion", "mlp_ensemble",
+                 "persistence"]
 METHODS: tuple[str, ...] = get_args(Method)
 LONG_HORIZON = 10  # the paper widens the PolyGRAD denoiser beyond h = 10
 
@@ -95,8 +102,14 @@ class WMEvalConfig:
     """PolyGRAD gradient steps per horizon."""
     trainer: DiffusionTrainerConfig = field(default_factory=DiffusionTrainerConfig)
     """PolyGRAD's diffusion trainer."""
+    transformer: TransformerDenoiserConfig = field(default_factory=TransformerDenoiserConfig)
+    """polygrad_transformer's denoiser (the paper's sizes by default); trained for polygrad_train_steps."""
+    transformer_trainer: DiffusionTrainerConfig = field(default_factory=lambda: DiffusionTrainerConfig(lr=1e-4))
+    """polygrad_transformer's diffusion trainer (the paper's transformer runs use lr 1e-4)."""
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     """PolyGRAD's guided sampler (fixed guidance scale)."""
+    sampling_steps: tuple[int, ...] = ()
+    """Also evaluate the PolyGRAD model with each K-step sampling chain here (method polygrad_kK), 2 <= K <= T."""
     execution: ExecutionOptions = field(default_factory=ExecutionOptions)
     ar: AutoregressiveDiffusionConfig = field(default_factory=lambda: AutoregressiveDiffusionConfig(
         train_steps=1_000_000))
@@ -115,6 +128,11 @@ class WMEvalConfig:
             raise ValueError(f"{name}.horizons must be distinct and non-empty, got {self.horizons!r}")
         for h in self.horizons:
             check_number(f"{name}.horizons", h, 2, integer=True, why="errors are measured from step 1 on")
+        if len(set(self.sampling_steps)) != len(self.sampling_steps):
+            raise ValueError(f"{name}.sampling_steps must be distinct, got {self.sampling_steps!r}")
+        for k in self.sampling_steps:
+            check_number(f"{name}.sampling_steps", k, 2, self.n_diffusion_steps, integer=True,
+                         why="a K-step chain on the T = n_diffusion_steps trained steps")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"{name}.methods must be distinct names of {METHODS}, got {self.methods!r}")
@@ -132,6 +150,8 @@ PRESETS: dict[str, WMEvalConfig] = {
     "cpu": WMEvalConfig(
         dataset_steps=5000, horizons=(10, 50), eval_batch=64, n_diffusion_steps=32, polygrad_hidden=256,
         polygrad_hidden_long=256, polygrad_layers=3, polygrad_train_steps=2000, trainer=_CPU_TRAINER,
+        # a small transformer at the MLP's lr: 2,000 steps at the paper's 1e-4 leave it far from trained
+        transformer=TransformerDenoiserConfig(n_embd=64, n_head=4, num_layers=2), transformer_trainer=_CPU_TRAINER,
         ar=AutoregressiveDiffusionConfig(denoiser=_CPU_DENOISER, trainer=_CPU_TRAINER, train_steps=2000),
         ensemble=EnsembleConfig(hidden=200, train_steps=2000),
     ),
@@ -226,11 +246,14 @@ def check_dataset(buffer, env: SimStateEnv, horizons, seed: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- methods
 def _train_polygrad(cfg: WMEvalConfig, horizon: int, buffer: TrajectoryBuffer, schedule: NoiseSchedule,
-                    O: int, A: int) -> DiffusionTrainer:
+                    O: int, A: int, transformer: bool = False) -> DiffusionTrainer:
+    """The trajectory model of ``polygrad`` (residual MLP, wider beyond h = 10) or of ``polygrad_transformer``,
+    trained for ``polygrad_train_steps`` on windows of horizon h."""
     hidden = cfg.polygrad_hidden if horizon <= LONG_HORIZON else cfg.polygrad_hidden_long
-    denoiser = build_denoiser(MLPDenoiserConfig(hidden_dim=hidden, num_layers=cfg.polygrad_layers), horizon,
-                              O + 2, A).to(cfg.device)
-    trainer = DiffusionTrainer(denoiser, schedule, cfg.trainer)
+    net: DenoiserConfig = cfg.transformer if transformer else \
+        MLPDenoiserConfig(hidden_dim=hidden, num_layers=cfg.polygrad_layers)
+    denoiser = build_denoiser(net, horizon, O + 2, A).to(cfg.device)
+    trainer = DiffusionTrainer(denoiser, schedule, cfg.transformer_trainer if transformer else cfg.trainer)
     for step in range(cfg.polygrad_train_steps):
         trainer.train_step(buffer.sample_windows(cfg.trainer.batch_size, horizon, seed=(cfg.seed << 32) + step,
                                                  normalize=True, sim_states=False))
@@ -318,24 +341,38 @@ def _evaluate(cfg: WMEvalConfig, env: SimStateEnv, buffer: TrajectoryBuffer, act
                                         normalize=False)
         start = windows.start_obs.to(dev)
         sim0 = windows.sim_states[:, 0].numpy()
-        trainer = None
-        if {"polygrad", "dataset_actions"} & set(cfg.methods):
+        trainers, few_step = {}, [f"polygrad_k{k}" for k in cfg.sampling_steps]
+        if {"polygrad", "dataset_actions"} & set(cfg.methods) or few_step:
             t0 = time.perf_counter()
-            trainer = _train_polygrad(cfg, horizon, buffer, schedule, O, A)
-            train_s["polygrad"] = train_s["dataset_actions"] = time.perf_counter() - t0
+            trainers["polygrad"] = _train_polygrad(cfg, horizon, buffer, schedule, O, A)
+            trained_in = time.perf_counter() - t0
+            train_s.update(dict.fromkeys(("polygrad", "dataset_actions", *few_step), trained_in))
             log(f"polygrad h={horizon}: trained in {train_s['polygrad']:.1f} s")
-        for mi, method in enumerate(cfg.methods):
+        if "polygrad_transformer" in cfg.methods:
+            t0 = time.perf_counter()
+            trainers["polygrad_transformer"] = _train_polygrad(cfg, horizon, buffer, schedule, O, A, transformer=True)
+            train_s["polygrad_transformer"] = time.perf_counter() - t0
+            log(f"polygrad_transformer h={horizon}: trained in {train_s['polygrad_transformer']:.1f} s")
+        methods = list(cfg.methods)
+        at = methods.index("polygrad") + 1 if "polygrad" in methods else 0
+        methods[at:at] = few_step  # reported next to the full chain
+        for mi, method in enumerate(methods):
             g = torch.Generator(dev).manual_seed((cfg.seed << 16) + 64 * hi + mi)
-            if method == "polygrad":  # built outside the timed region: imagination time only
-                sampler = FastGuidedSampler(trainer.ema_model, schedule, actor, normalizer, config=cfg.sampler,
+            guided = method in ("polygrad", "polygrad_transformer") or method in few_step
+            if guided:  # built outside the timed region: imagination time only
+                model = trainers["polygrad_transformer" if method == "polygrad_transformer" else "polygrad"]
+                k = int(method.removeprefix("polygrad_k")) if method in few_step else None
+                sampler = FastGuidedSampler(model.ema_model, schedule, actor, normalizer,
+                                            config=dataclasses.replace(cfg.sampler, sampling_steps=k) if k
+                                            else cfg.sampler,
                                             execution=cfg.execution)
             t0 = time.perf_counter()
-            if method == "polygrad":
+            if guided:
                 b = sampler.sample(start, generator=g)
                 rollout = Rollout(b.observations, b.actions, b.rewards)
             elif method == "dataset_actions":
                 act = windows.actions.to(dev)
-                x = action_conditioned_sample(trainer.ema_model, schedule,
+                x = action_conditioned_sample(trainers["polygrad"].ema_model, schedule,
                                               normalizer.normalize(start, "observations"),
                                               normalizer.normalize(act, "actions"), generator=g)
                 rollout = Rollout(normalizer.unnormalize(x[..., :O], "observations"), act,

@@ -12,7 +12,7 @@ from polygrad_fast.baselines import AutoregressiveDiffusion, AutoregressiveDiffu
 from polygrad_fast.baselines import ProbabilisticEnsemble
 from polygrad_fast.buffer import TrajectoryBuffer
 from polygrad_fast.checkpoint import CheckpointManager
-from polygrad_fast.denoisers import MLPDenoiserConfig
+from polygrad_fast.denoisers import MLPDenoiserConfig, TransformerDenoiserConfig
 from polygrad_fast.diffusion_trainer import DiffusionTrainerConfig
 from polygrad_fast.envs import SimStateEnv
 from polygrad_fast.policy import Actor
@@ -21,6 +21,8 @@ TINY_TRAINER = DiffusionTrainerConfig(batch_size=16, step_start_ema=2)
 TINY = wm_eval.WMEvalConfig(
     dataset_steps=300, horizons=(5, 8), eval_batch=6, n_diffusion_steps=4, polygrad_hidden=32,
     polygrad_hidden_long=32, polygrad_layers=1, polygrad_train_steps=5, trainer=TINY_TRAINER,
+    transformer=TransformerDenoiserConfig(n_embd=16, n_head=2, num_layers=1), transformer_trainer=TINY_TRAINER,
+    sampling_steps=(2,),
     ar=AutoregressiveDiffusionConfig(denoiser=MLPDenoiserConfig(hidden_dim=32, num_layers=1), trainer=TINY_TRAINER,
                                      train_steps=5),
     ensemble=EnsembleConfig(hidden=16, layers=2, train_steps=5, batch_size=16))
@@ -44,12 +46,39 @@ def results(hopper_buffer):
 
 
 def test_every_method_at_every_horizon(results):
-    assert [(r.horizon, r.method) for r in results] == [(h, m) for h in TINY.horizons for m in wm_eval.METHODS]
+    methods = ["polygrad", "polygrad_k2", *wm_eval.METHODS[1:]]  # the few-step chain next to the full one
+    assert [(r.horizon, r.method) for r in results] == [(h, m) for h in TINY.horizons for m in methods]
     for r in results:
         assert r.steps == list(range(1, r.horizon)) and r.batch == TINY.eval_batch
         assert np.isfinite(r.dynamics_mse).all() and np.isfinite(r.dynamics_mse_std).all()
         assert r.imagine_seconds > 0 and np.isfinite(r.reward_mse)
         assert (r.train_seconds > 0) == (r.method != "persistence")
+
+
+def test_transformer_and_few_step_methods_sample_what_they_name(hopper_buffer, monkeypatch, one_torch_thread):
+    """polygrad_transformer imagines with a TransformerDenoiser trained at transformer_trainer's lr, polygrad_kK
+    with the PolyGRAD model's K-step chain, polygrad with the configured chain (all T steps)."""
+    from polygrad_fast.denoisers import ResidualMLPDenoiser, TransformerDenoiser
+
+    built, trained = [], []
+
+    class Spy(wm_eval.FastGuidedSampler):
+        def __init__(self, denoiser, *args, config, **kwargs):
+            super().__init__(denoiser, *args, config=config, **kwargs)
+            built.append((type(denoiser), config.sampling_steps, self.n_chain_steps))
+
+    init = wm_eval.DiffusionTrainer.__init__
+    monkeypatch.setattr(wm_eval, "FastGuidedSampler", Spy)
+    monkeypatch.setattr(wm_eval.DiffusionTrainer, "__init__", lambda self, d, sched, config: trained.append(
+        (type(d), config.lr)) or init(self, d, sched, config))
+    cfg = dataclasses.replace(TINY, horizons=(3,), methods=("polygrad", "polygrad_transformer"), sampling_steps=(3,),
+                              eval_batch=2, transformer_trainer=dataclasses.replace(TINY_TRAINER, lr=1e-4))
+    results = wm_eval.evaluate(cfg, buffer=hopper_buffer, log=lambda *_: None)
+    assert [r.method for r in results] == ["polygrad", "polygrad_k3", "polygrad_transformer"]
+    assert trained == [(ResidualMLPDenoiser, TINY_TRAINER.lr), (TransformerDenoiser, 1e-4)]
+    assert built == [(ResidualMLPDenoiser, None, TINY.n_diffusion_steps), (ResidualMLPDenoiser, 3, 3),
+                     (TransformerDenoiser, None, TINY.n_diffusion_steps)]
+    assert results[0].train_seconds == results[1].train_seconds  # one model, two chains
 
 
 def test_persistence_reward_error_is_its_own(results):
@@ -85,8 +114,13 @@ def test_write_report_files_parse(results, tmp_path):
     md = paths["markdown"].read_text()
     for h in TINY.horizons:
         assert f"### h = {h}" in md
-    for m in wm_eval.METHODS:
+    for m in (*wm_eval.METHODS, "polygrad_k2"):
         assert md.count(f"| {m} |") == len(TINY.horizons)
+    for r in results:  # each method's row carries its imagination seconds per batch and training seconds
+        row = next(line for line in md.splitlines() if line.startswith(f"| {r.method} |")
+                   and f"| {r.imagine_seconds:.3g} | {r.train_seconds:.3g} |" in line)
+        assert row.endswith(f"| {r.imagine_seconds:.3g} | {r.train_seconds:.3g} |")
+    assert "imagine s / batch" in md
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="no results"):
         wm_eval.write_report([], tmp_path / "empty")
@@ -100,6 +134,17 @@ def test_main_runs_the_comparison(tmp_path, one_torch_thread):
         "--polygrad_layers", "1", "--polygrad_train_steps", "2", "--trainer.batch_size", "8"])
     assert [r.method for r in results] == ["polygrad", "persistence"]
     assert {p.name for p in out.iterdir()} == {"errors.csv", "summary.md", "errors_vs_step.png", "config.json"}
+
+
+@pytest.mark.parametrize("name", ["eval-wm", "wm-eval"])
+def test_subcommand_refuses_a_missing_dataset_before_training(tmp_path, capsys, no_training, name):
+    from polygrad_fast.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--preset", "cpu", "--outdir", str(tmp_path / "out"), "--dataset", str(tmp_path / "no.pgbuf")])
+    assert exc.value.code == 2
+    assert f"polygrad-fast {name}: error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_main_refuses_bad_arguments(tmp_path, capsys):
@@ -189,3 +234,7 @@ def test_config_errors():
         dataclasses.replace(TINY, methods=("polygrad", "polygrad"))
     with pytest.raises(ValueError, match="methods must be distinct"):
         dataclasses.replace(TINY, methods=("transformer",))
+    with pytest.raises(ValueError, match=r"sampling_steps must be an int >= 2 and <= 4 \(a K-step chain"):
+        dataclasses.replace(TINY, sampling_steps=(5,))
+    with pytest.raises(ValueError, match="sampling_steps must be distinct"):
+        dataclasses.replace(TINY, sampling_steps=(2, 2))
