@@ -1,17 +1,21 @@
-"""oneDNN-prepacked bf16 Linear execution on CPU, with weight refresh and no recompile.
+"""oneDNN-prepacked bf16 / fp32 Linear execution on CPU, with weight refresh and no recompile.
 
-``prepack_linears(module)`` swaps every large bf16 ``nn.Linear`` of an inference copy for a ``PackedLinear`` that shares
-its parameters (names and state dict unchanged) and runs ``mkldnn._linear_pointwise`` on a weight reordered once
-into oneDNN's blocked layout. Measured on a 2-core Sapphire Rapids (AMX-bf16), B=256: 1024x1024 Linear 216 vs
-304 µs with plain bf16 F.linear; same bits (both are the same oneDNN bf16 GEMM, fp32 accumulation).
+``prepack_linears(module)`` swaps every large bf16 or fp32 ``nn.Linear`` of an inference copy for a ``PackedLinear``
+that shares its parameters (names and state dict unchanged) and runs ``mkldnn._linear_pointwise`` on a weight
+reordered once into oneDNN's blocked layout. Measured on a 2-core Sapphire Rapids (AMX-bf16), B=256: 1024x1024
+Linear 216 vs 304 µs with plain bf16 F.linear; same bits (both are the same oneDNN bf16 GEMM, fp32 accumulation).
+fp32 weights run oneDNN's fp32 GEMM (any x86 CPU: brgemm on AVX2 and up) instead of MKL's, bias and residual in
+the epilogue, so the output is not first filled with the broadcast bias and the skip connection is not a second
+pass; it differs from F.linear by fp32 reduction order only.
 
 The GEMM is the opaque custom op ``polygrad_fast::packed_linear(x, bias, slot, out_features)``: the packed
 weight lives in a Python registry under an int key held in the 0-dim int64 buffer ``slot`` (non-persistent, so
 not in the state dict), so ``torch.compile`` fuses the LayerNorm/ReLU/residual work around the GEMMs without
 baking weights into the graph (inductor freezing would, and recompiles ~4 s on every weight change). The key is
 a tensor, not a Python int, because dynamo bakes int attributes into the graph: every new copy of a packed module
-would then compile its own graph and a few samplers in one process would hit dynamo's recompile limit. ``refresh(module)`` repacks (~0.5 ms per 1024x1024 weight) the Linears whose weight
-changed, and the compiled graph keeps running unchanged.
+would then compile its own graph and a few samplers in one process would hit dynamo's recompile limit.
+``refresh(module)`` repacks (~0.5 ms per 1024x1024 weight) the Linears whose weight changed, and the compiled graph
+keeps running unchanged.
 
 Whether packing pays off is measured on the running CPU (``packing_pays_off``: packed vs plain GEMM at the batch
 hint, once per weight shape and process), so ``prepack_linears`` swaps only the Linears that measured faster;
@@ -35,12 +39,18 @@ _PACKED: dict[int, torch.Tensor] = {}  # slot -> packed weight (opaque mkldnn te
 _SLOTS = itertools.count()
 
 
-def available() -> bool:
-    """True when this torch build has the oneDNN linear ops and this CPU runs oneDNN bf16 (AVX512-BW/VL/DQ or
-    AVX-NE-CONVERT): on an AVX2-only CPU the bf16 weight reorder raises."""
+PACKABLE_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when this torch build has the oneDNN linear ops and this CPU runs them in ``dtype``: fp32 on any x86
+    CPU; bf16 needs AVX512-BW/VL/DQ, AVX-NE-CONVERT or AMX (on an AVX2-only CPU the bf16 weight reorder raises)."""
     ops = torch.ops.mkldnn
-    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
-            and hasattr(ops, "_linear_pointwise") and bool(ops._is_mkldnn_bf16_supported()))
+    if dtype not in PACKABLE_DTYPES or not (torch.backends.mkldnn.is_available()
+                                            and hasattr(ops, "_reorder_linear_weight")
+                                            and hasattr(ops, "_linear_pointwise")):
+        return False
+    return dtype == torch.float32 or bool(ops._is_mkldnn_bf16_supported())
 
 
 def _packed_linear(x: torch.Tensor, bias: torch.Tensor | None, slot: torch.Tensor, out_features: int,
@@ -66,14 +76,15 @@ def _(x, bias, slot, out_features, residual=None):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-# packed_linear(x [..., in] bf16, bias, slot, out_features, residual=None) -> [..., out_features] bf16
-# = x @ W.T + bias (+ residual [..., out_features] bf16, added in the GEMM's fp32 epilogue), W the weight packed under
-# key ``slot`` (0-dim int64 CPU tensor). No autograd.
+# packed_linear(x [..., in], bias, slot, out_features, residual=None) -> [..., out_features], all in W's dtype
+# (bf16 or fp32) = x @ W.T + bias (+ residual [..., out_features], added in the GEMM's fp32 epilogue), W the weight
+# packed under key ``slot`` (0-dim int64 CPU tensor). No autograd.
 packed_linear = torch.ops.polygrad_fast.packed_linear
 
 
 class PackedLinear(nn.Linear):
-    """A bf16 ``nn.Linear`` whose forward uses the packed copy of its weight (call ``repack`` after changes)."""
+    """A bf16 / fp32 ``nn.Linear`` whose forward uses the packed copy of its weight (call ``repack`` after
+    changes)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, batch_hint: int) -> "PackedLinear":
@@ -113,17 +124,20 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x [..., in] -> [..., out] (+ residual [..., out]: a residual block's skip connection, fused into the GEMM
         on the packed path; Hopper B=256 1024x1024: 320-336 µs vs 385-408 µs as GEMM then add)."""
-        rows = x.numel() // max(x.shape[-1], 1)
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or PLAIN_ROWS[0] < rows < PLAIN_ROWS[1] or (
+        rows, dtype = x.numel() // max(x.shape[-1], 1), self.weight.dtype
+        if x.dtype != dtype or x.device.type != "cpu" or (
+                dtype == torch.bfloat16 and PLAIN_ROWS[0] < rows < PLAIN_ROWS[1]) or (
                 torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) or (
-                residual is not None and (residual.dtype != torch.bfloat16 or not residual.is_contiguous())):
+                residual is not None and (residual.dtype != dtype or not residual.is_contiguous())):
             y = F.linear(x, self.weight, self.bias)  # no autograd through the packed op
             return y if residual is None else residual + y
         return packed_linear(x, self.bias, self.slot, self.out_features, residual)
 
 
-# Row counts strictly inside this band run plain F.linear (a static-shape branch, free under torch.compile): there
-# oneDNN's packed GEMM (layout picked for batch_hint 256) is slower. 1024x1024 GEMM (+ residual), µs, plain+add vs
+# bf16 row counts strictly inside this band run plain F.linear (a static-shape branch, free under torch.compile):
+# there oneDNN's packed bf16 GEMM (layout picked for batch_hint 256) was slower on Sapphire Rapids. fp32 has no band:
+# on AVX2 Zen 3 (one run, loaded host) 1024x1024 + residual packed for 256 rows took 0.45-1.12x plain + add at 256 to
+# 2048 rows, slower only at 768. bf16 on Sapphire Rapids, 1024x1024 GEMM (+ residual), µs, plain+add vs
 # packed with the add in the epilogue, two runs agreeing to ~10%: 256 rows 407 vs 224, 512 751 vs 515, 640 853 vs
 # 940, 768 994 vs 1369, 896 1104 vs 1536, 1024 2012 vs 1723, 1280 2404 vs 1078, 2048 2051 vs 1742, 3072 2915 vs
 # 2666. Whole Hopper sample(), compiled, interleaved: B=1024 packed 2.25-2.30 vs 2.37-2.55 s plain; B=768 packed
@@ -147,44 +161,47 @@ def prepack_mode() -> str:
     return mode
 
 
-def packed_linear_time(rows: int, in_features: int, out_features: int, reps: int = 5) -> float:
-    """``backend.min_time`` of one packed bf16 GEMM (+ bias) [rows, in] x [out, in]^T, packed for ``rows``."""
+def packed_linear_time(rows: int, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
+                       reps: int = 5) -> float:
+    """``backend.min_time`` of one packed GEMM (+ bias) [rows, in] x [out, in]^T in ``dtype``, packed for ``rows``."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
-    w = torch.randn(out_features, in_features, generator=g).div_(in_features ** 0.5).to(torch.bfloat16)
-    b = torch.zeros(out_features, dtype=torch.bfloat16)
+    x = torch.randn(rows, in_features, generator=g).to(dtype)
+    w = torch.randn(out_features, in_features, generator=g).div_(in_features ** 0.5).to(dtype)
+    b = torch.zeros(out_features, dtype=dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
     with torch.inference_mode():
         return min_time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), reps=reps)
 
 
 @functools.lru_cache(maxsize=None)
-def packing_pays_off(rows: int, in_features: int, out_features: int) -> bool:
-    """True when the packed bf16 GEMM at this shape measured faster than plain bf16 ``F.linear`` on this CPU
+def packing_pays_off(rows: int, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True when the packed GEMM at this shape and dtype measured faster than plain ``F.linear`` on this CPU
     (``backend.choose_fastest``, plain preferred: packed must be > ``backend.TIE_TOLERANCE`` faster). Measured once
-    per shape and process (a few ms); False without ``available()``. Without the residual add, which only helps
-    the packed side, so the choice errs towards plain."""
-    if not available():
+    per shape, dtype and process (a few ms); False without ``available(dtype)``. Without the residual add, which
+    only helps the packed side, so the choice errs towards plain."""
+    if not available(dtype):
         return False
-    timings = {"plain": linear_time(rows, in_features, out_features, torch.bfloat16),
-               "packed": packed_linear_time(rows, in_features, out_features)}
+    timings = {"plain": linear_time(rows, in_features, out_features, dtype),
+               "packed": packed_linear_time(rows, in_features, out_features, dtype)}
     return choose_fastest(timings, prefer="plain") == "packed"
 
 
 def prepack_linears(module: nn.Module, batch_hint: int = 256, min_numel: int = MIN_WEIGHT_NUMEL) -> int:
-    """In place: swap every bf16 CPU ``nn.Linear`` with >= min_numel weights for a ``PackedLinear`` where packing
-    pays off at ``batch_hint`` rows (``prepack_mode()``: 'measure' asks ``packing_pays_off``, 'always' packs every
-    such Linear, 'never' none); returns how many. ``batch_hint``: the rows per call oneDNN picks the blocked
-    layout for (any row count stays correct)."""
+    """In place: swap every bf16 / fp32 CPU ``nn.Linear`` with >= min_numel weights for a ``PackedLinear`` where
+    packing pays off at ``batch_hint`` rows (``prepack_mode()``: 'measure' asks ``packing_pays_off``, 'always' packs
+    every such Linear that ``available(dtype)``, 'never' none); returns how many. ``batch_hint``: the rows per
+    call oneDNN picks the blocked layout for (any row count stays correct)."""
     mode = prepack_mode()
-    if mode == "never" or not available():
+    if mode == "never":
         return 0
     n = 0
     for parent in list(module.modules()):
         for name, child in list(parent._modules.items()):
-            if (type(child) is nn.Linear and child.weight.dtype == torch.bfloat16
-                    and child.weight.device.type == "cpu" and child.weight.numel() >= min_numel
-                    and (mode == "always" or packing_pays_off(batch_hint, child.in_features, child.out_features))):
+            if type(child) is not nn.Linear:
+                continue
+            w = child.weight
+            if (available(w.dtype) and w.device.type == "cpu" and w.numel() >= min_numel and (
+                    mode == "always" or packing_pays_off(batch_hint, child.in_features, child.out_features, w.dtype))):
                 parent._modules[name] = PackedLinear.from_linear(child, batch_hint)
                 n += 1
     return n

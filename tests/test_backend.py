@@ -107,11 +107,14 @@ def test_linear_time_runs_the_gemm():
 
 
 # ---------------------------------------------------------------- the measured prepack
-def _pays_off(monkeypatch, plain, packed, available=True):
-    monkeypatch.setattr(cpu_packed, "available", lambda: available)
-    monkeypatch.setattr(cpu_packed, "linear_time", lambda rows, i, o, dtype: plain)
-    monkeypatch.setattr(cpu_packed, "packed_linear_time", lambda rows, i, o: packed)
-    return cpu_packed.packing_pays_off.__wrapped__(256, 1024, 1024)
+def _pays_off(monkeypatch, plain, packed, available=True, dtype=torch.bfloat16):
+    monkeypatch.setattr(cpu_packed, "available", lambda d: available)
+    timed = []
+    monkeypatch.setattr(cpu_packed, "linear_time", lambda rows, i, o, d: timed.append(("plain", d)) or plain)
+    monkeypatch.setattr(cpu_packed, "packed_linear_time", lambda rows, i, o, d: timed.append(("packed", d)) or packed)
+    pays = cpu_packed.packing_pays_off.__wrapped__(256, 1024, 1024, dtype)
+    assert set(timed) <= {("plain", dtype), ("packed", dtype)}  # both sides timed in the asked dtype
+    return pays
 
 
 def test_packing_pays_off_only_when_measured_faster(monkeypatch):
@@ -119,6 +122,7 @@ def test_packing_pays_off_only_when_measured_faster(monkeypatch):
     assert not _pays_off(monkeypatch, plain=3.0e-4, packed=3.5e-4)
     assert not _pays_off(monkeypatch, plain=3.0e-4, packed=2.9e-4)  # a tie: plain
     assert not _pays_off(monkeypatch, plain=3.0e-4, packed=1e-9, available=False)
+    assert _pays_off(monkeypatch, plain=9.0e-3, packed=7.0e-3, dtype=torch.float32)  # fp32, AVX2-like
 
 
 def test_prepack_mode_env(monkeypatch):
@@ -136,15 +140,18 @@ def test_prepack_linears_packs_what_measured_faster(monkeypatch):
     oneDNN bf16 needed): what is checked is which Linears are swapped."""
     from torch import nn
 
-    monkeypatch.setattr(cpu_packed, "available", lambda: True)
+    monkeypatch.setattr(cpu_packed, "available", lambda dtype: dtype == torch.bfloat16)
     monkeypatch.setattr(cpu_packed.PackedLinear, "repack", lambda self, force=False: True)
     asked = []
-    monkeypatch.setattr(cpu_packed, "packing_pays_off", lambda rows, i, o: asked.append((rows, i, o)) or i == 512)
+    monkeypatch.setattr(cpu_packed, "packing_pays_off", lambda rows, i, o, d: asked.append((rows, i, o, d)) or i == 512)
     model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256), nn.Linear(8, 8)).to(torch.bfloat16)
     monkeypatch.delenv(cpu_packed.PREPACK_ENV_VAR, raising=False)
     assert cpu_packed.prepack_linears(model, batch_hint=128) == 1
     assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "Linear"]
-    assert asked == [(128, 256, 512), (128, 512, 256)]  # the 8x8 Linear is below MIN_WEIGHT_NUMEL: never timed
+    bf16 = torch.bfloat16  # the 8x8 Linear is below MIN_WEIGHT_NUMEL: never timed
+    assert asked == [(128, 256, 512, bf16), (128, 512, 256, bf16)]
+    fp16 = nn.Sequential(nn.Linear(256, 512)).to(torch.float16)  # a dtype oneDNN packing is not available in
+    assert cpu_packed.prepack_linears(fp16) == 0 and len(asked) == 2
     fresh = nn.Sequential(nn.Linear(256, 512)).to(torch.bfloat16)
     monkeypatch.setenv(cpu_packed.PREPACK_ENV_VAR, "never")
     assert cpu_packed.prepack_linears(fresh) == 0 and type(fresh[0]) is nn.Linear

@@ -1,6 +1,7 @@
 """oneDNN-prepacked bf16 Linears (polygrad_fast.cpu_packed): same outputs as plain bf16, weight refresh, no
-recompile (CPU with fast bf16 only: there both paths are the same oneDNN bf16 GEMM); and the bf16 sampler with the
-fused LayerNorm+activation (cpu_fuse_norm_act) against the unfused one (any CPU with the native ops)."""
+recompile (CPU with fast bf16 only: there both paths are the same oneDNN bf16 GEMM); prepacked fp32 Linears against
+F.linear (any CPU with torch's oneDNN); and the bf16 sampler with the fused LayerNorm+activation (cpu_fuse_norm_act)
+against the unfused one (any CPU with the native ops)."""
 import copy
 
 import pytest
@@ -189,6 +190,43 @@ def test_fused_norm_act_sampler_matches_unfused(compile):
     a, b = fused.sample(start, noise=noise), plain.sample(start, noise=noise)
     for name in ("observations", "actions"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=0.03, rtol=0.02)
+
+
+needs_onednn_fp32 = pytest.mark.skipif(not cpu_packed.available(torch.float32), reason="needs torch's oneDNN ops")
+
+
+@needs_onednn_fp32
+@pytest.mark.parametrize("rows", [1, 7, 256, 1030])
+def test_packed_fp32_linear_matches_f_linear(rows):
+    """fp32 weights run oneDNN's fp32 GEMM (on any x86 CPU), bias and residual in the epilogue: equal to F.linear
+    (+ residual) up to fp32 reduction order. Tolerance: a 320-term fp32 dot product of O(1) terms reordered differs
+    by a few 1e-6; a wrong bias, residual or transposed weight is off by O(1)."""
+    torch.manual_seed(2)
+    lin = nn.Linear(320, 256).requires_grad_(False)
+    packed = cpu_packed.PackedLinear.from_linear(lin, batch_hint=256)
+    x, res = torch.randn(rows, 3, 320), torch.randn(rows, 3, 256)
+    with torch.inference_mode():
+        plain = F.linear(x, lin.weight, lin.bias)
+        torch.testing.assert_close(packed(x), plain, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(packed(x, residual=res), res + plain, atol=2e-5, rtol=1e-5)
+        with torch.no_grad():
+            lin.weight.mul_(-1.0)  # in place, as an optimizer step: stale until repacked
+        assert cpu_packed.refresh(nn.Sequential(packed)) == 1
+        torch.testing.assert_close(packed(x), F.linear(x, lin.weight, lin.bias), atol=2e-5, rtol=1e-5)
+
+
+@needs_onednn_fp32
+def test_prepack_fp32_denoiser_copy_matches_plain():
+    """An fp32 copy of the MLP denoiser with its two 256x256 block Linears packed (the residual in the GEMM's
+    epilogue) gives the plain fp32 output to fp32 rounding; the names and state dict are unchanged."""
+    denoiser, _ = _models()
+    packed = copy.deepcopy(denoiser).requires_grad_(False)
+    assert cpu_packed.prepack_linears(packed) == 2
+    assert sum(isinstance(m, cpu_packed.PackedLinear) for m in packed.modules()) == 2
+    assert list(dict(packed.state_dict())) == list(dict(denoiser.state_dict()))
+    x, a, t = torch.randn(9, H, O + 2), torch.randn(9, H, A), torch.randint(0, 10, (9,))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x, a, t), denoiser(x, a, t), atol=1e-5, rtol=1e-5)
 
 
 def test_explicit_bf16_sampler_with_default_prepack_runs_on_any_cpu():
