@@ -3,12 +3,13 @@
     polygrad-fast render --run runs/Hopper-v5/hopper-cpu_seed0_... --out imagined.gif     # imagined | real
     polygrad-fast render --policy_checkpoint runs/.../checkpoints/step_0000020000.pt --out episode.mp4
 
-Imagined vs real: the world-model run's EMA denoiser imagines one trajectory with policy guidance (its actor, its
-tuned guidance scale) from a dataset start state; each frame shows the imagined state k (left) next to the
-simulator's state after replaying the imagined actions a_0..a_{k-1} open-loop from the exact stored start state
-(right). An imagined observation is turned into a simulator pose by ``observation_to_state``: observations hold
-qpos without the excluded root positions (x on Hopper, Walker2d and HalfCheetah; x, y on Ant) followed by qvel,
-so those positions are reconstructed from the start state's and integrated from the imagined root velocities,
+Imagined vs real: the EMA denoiser of a world-model or agent run imagines one trajectory with policy guidance
+(the run's actor and tuned guidance scale) from a dataset start state; each frame shows the imagined state k
+(left) next to the simulator's state after replaying the imagined actions a_0..a_{k-1} open-loop from the exact
+stored start state (right). An imagined observation is turned into a simulator pose by
+``observation_to_state``: observations hold qpos without the excluded root positions (x on Hopper, Walker2d and
+HalfCheetah; x, y on Ant) followed by qvel, so those positions are reconstructed: they start at the start
+state's and are integrated from the imagined root velocities,
 x_{k+1} = x_k + dt (v_k + v_{k+1}) / 2 (trapezoid rule, dt the env's control step). Hopper and Walker2d clip the
 observed qvel to [-10, 10], so a reconstructed x can lag the truth in violent motion.
 
@@ -30,11 +31,11 @@ from .buffer import TrajectoryBuffer
 from .checkpoint import CheckpointManager
 from .config import from_dict
 from .denoisers import build_denoiser
-from .diffusion_trainer import DiffusionTrainer
 from .envs import SUPPORTED_ENVS, SimStateEnv
 from .normalizer import Normalizer
 from .policy import Actor, policy_mean_std
 from .presets import WorldModelRunConfig
+from .run_dir import CONFIG_FILE
 from .sampler import FastGuidedSampler
 from .schedule import NoiseSchedule
 from .train_world_model import BUFFER_FILE, CHECKPOINT_DIR
@@ -194,28 +195,37 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 25) -> Path:
 
 
 def imagine_from_run(logdir: str | Path, index: int = 0, seed: int = 0) -> dict:
-    """One trajectory imagined by a world-model run (``polygrad-fast train-wm``) at its newest checkpoint, from
-    the start state of the dataset window drawn with ``seed``: {'env', 'step', 'sim_state' [S], 'observations'
-    [H,O], 'actions' [H,A]} in raw units. ``index`` picks the trajectory of a batch of index + 1."""
+    """One trajectory imagined at the newest checkpoint of a run directory, a world-model run (``train-wm``) or
+    an agent run (``train``): its EMA denoiser, actor, normaliser and tuned guidance scale, from the start state
+    of the dataset window drawn with ``seed``. Returns {'env', 'step', 'sim_state' [S], 'observations' [H,O],
+    'actions' [H,A]} in raw units; ``index`` picks the trajectory of a batch of index + 1."""
+    from .agent_config import AgentConfig
+    from .wm_eval import load_policy
+
     logdir = Path(logdir)
-    for name in ("config.json", BUFFER_FILE, CHECKPOINT_DIR):
-        if not (logdir / name).exists():
-            raise FileNotFoundError(f"{logdir} is not a world-model run directory: {name} is missing")
-    cfg = from_dict(WorldModelRunConfig, json.loads((logdir / "config.json").read_text()))
-    latest = CheckpointManager(logdir / CHECKPOINT_DIR).latest(map_location="cpu")
+    if not (logdir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{logdir} is not a run directory: {CONFIG_FILE} is missing")
+    checkpoints = CheckpointManager(logdir / CHECKPOINT_DIR)
+    latest = checkpoints.latest(map_location="cpu")
     if latest is None:
         raise FileNotFoundError(f"{logdir / CHECKPOINT_DIR} holds no checkpoint yet")
     step, state = latest
-    buffer = TrajectoryBuffer.load(logdir / BUFFER_FILE)
-    env = SimStateEnv(cfg.env)
-    O, A = env.obs_dim, env.act_dim
-    env.close()
+    saved = json.loads((logdir / CONFIG_FILE).read_text())
+    if "a2c" in state:  # an agent run: its buffer, normaliser and actor are in the checkpoint
+        cfg = from_dict(AgentConfig, saved)
+        buffer = TrajectoryBuffer.from_state_dict({k: v.numpy() for k, v in state["buffer"].items()})
+        normalizer = Normalizer({k: (m.numpy(), sd.numpy()) for k, (m, sd) in state["normalizer"].items()})
+        actor = load_policy(checkpoints.path(step), cfg.env)
+    else:  # a world-model run: the fixed prefill buffer.pgbuf, a default-sized actor
+        cfg = from_dict(WorldModelRunConfig, saved)
+        buffer = TrajectoryBuffer.load(logdir / BUFFER_FILE)
+        normalizer = Normalizer(buffer.stats())
+        actor = Actor(buffer.obs_dim, buffer.act_dim)
+        actor.load_state_dict(state["actor"])
+    denoiser = build_denoiser(cfg.denoiser, cfg.horizon, buffer.obs_dim + 2, buffer.act_dim)
+    denoiser.load_state_dict(state["trainer"]["ema"])  # the EMA weights: what the run imagines with
     schedule = NoiseSchedule(cfg.n_diffusion_steps, cfg.noise_tau)
-    trainer = DiffusionTrainer(build_denoiser(cfg.denoiser, cfg.horizon, O + 2, A), schedule, cfg.trainer)
-    trainer.load_state_dict(state["trainer"])
-    actor = Actor(O, A)
-    actor.load_state_dict(state["actor"])
-    sampler = FastGuidedSampler(trainer.ema_model, schedule, actor, Normalizer(buffer.stats()), config=cfg.sampler,
+    sampler = FastGuidedSampler(denoiser.eval(), schedule, actor.eval(), normalizer, config=cfg.sampler,
                                 execution=cfg.execution)
     windows = buffer.sample_windows(index + 1, cfg.horizon, seed=seed, normalize=False)
     batch = sampler.sample(windows.start_obs, generator=torch.Generator().manual_seed(seed),
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m polygrad_fast.ren
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--run", type=Path, help="a world-model run directory: imagined | real side by side")
+    source.add_argument("--run", type=Path, help="a world-model or agent run directory: imagined | real")
     source.add_argument("--policy_checkpoint", type=Path, help="an agent checkpoint: one mean-action episode")
     parser.add_argument("--out", type=Path, required=True, help="the video file, .gif or .mp4")
     parser.add_argument("--env", choices=SUPPORTED_ENVS, default=None,

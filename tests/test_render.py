@@ -125,7 +125,7 @@ def test_render_subcommand_from_a_world_model_run_and_a_policy_checkpoint(tmp_pa
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--run", "{tmp}/nowhere", "--out", "{tmp}/x.gif"], "is not a world-model run directory: config.json is missing"),
+    (["--run", "{tmp}/nowhere", "--out", "{tmp}/x.gif"], "is not a run directory: config.json is missing"),
     (["--run", "{tmp}", "--out", "{tmp}/x.avi"], "--out must end in .gif or .mp4"),
     (["--policy_checkpoint", "{tmp}/missing.pt", "--out", "{tmp}/x.gif"], "does not exist"),
     (["--out", "{tmp}/x.gif"], "one of the arguments --run --policy_checkpoint is required"),
@@ -137,3 +137,18 @@ def test_render_rejects_bad_input(tmp_path, capsys, args, message):
     assert info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.gif").exists()
+
+
+@pytest.mark.slow  # the agent's debug run: ~35 s on the loaded 2-core VM
+def test_render_an_agent_run(tmp_path, hopper, capsys):
+    from polygrad_fast.agent import run
+    from polygrad_fast.agent_config import AGENT_PRESETS
+
+    cfg = AGENT_PRESETS["debug"]
+    run(cfg, tmp_path / "agent", progress=False)
+    out = tmp_path / "agent.gif"
+    assert main(["render", "--run", str(tmp_path / "agent"), "--out", str(out), "--width", str(W), "--height",
+                 str(H)]) == 0
+    assert f"{cfg.horizon} imagined | real frames of {cfg.env}" in capsys.readouterr().out
+    with Image.open(out) as img:
+        assert img.n_frames == cfg.horizon and img.size == (2 * W + 2, H)
