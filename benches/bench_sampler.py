@@ -3,15 +3,16 @@
 Shapes: H=10, O=11, A=3, D=13, ResidualMLPDenoiser(hidden 1024, 6 blocks), T=128 (tau 0.1 as Hopper), grad
 guidance, clip_std 3, clip_state_change 0.25, batch 256 and 1024. Reference = fp32 denoiser + autograd guidance,
 one step at a time (polygrad_fast.reference.guided_sampling); fast = the 'auto' dtype (bf16 copies of the
-denoiser and policy where bf16 GEMMs measure faster than fp32 on this CPU, else fp32), closed-form guidance, torch.compile ('fast') or eager ('fast-eager').
+denoiser and policy where bf16 GEMMs measure faster than fp32 on this CPU, else fp32), closed-form guidance,
+torch.compile ('fast') or eager ('fast-eager').
 Every timing is the min over rounds (the host is shared and noisy); the fast tests record ``speedup_vs_reference``
 (reference min / fast min) in extra_info, with the thread count and the load average at the time.
 
 The GEMM floor, measured in the same run: the denoiser's per-step GEMMs alone (its Linears but the time MLP's,
-which runs once per call; rows = B, the MLP flattens the window), back to back at the CPU's fastest precision
-(the fastest of fp32, bf16 and prepacked bf16 where oneDNN runs bf16), min over rounds. The fast tests record the
-CPU's ISA (``backend.cpu_isa``), the floor and ``step_over_gemm_floor`` (fast per-step time / floor; the target
-is <= 1.25 at B=256 and B=1024 on every x86 CPU).
+which runs once per call; rows = B, the MLP flattens the window), back to back the CPU's fastest way (the
+fastest of fp32 and bf16, each plain and oneDNN-prepacked, bf16 only where oneDNN runs it), min over rounds. The
+fast tests record the CPU's ISA (``backend.cpu_isa``), the floor and ``step_over_gemm_floor`` (fast per-step time /
+floor; the target is <= 1.25 at B=256 and B=1024 on every x86 CPU).
 Under ``--benchmark-disable`` (CI smoke) the chains are shortened to T=8. Run:
 
     pytest benches/bench_sampler.py --benchmark-only --benchmark-columns=min,median,rounds -s
@@ -60,14 +61,15 @@ def _step_gemm_shapes(denoiser: nn.Module) -> list[tuple[int, int]]:
 
 def _gemm_chain_time(shapes, rows: int, precision: str, rounds: int) -> float:
     """min over rounds of the seconds the GEMMs [rows, in] x [out, in]^T + bias of ``shapes`` take back to back,
-    in 'float32', 'bfloat16' or 'bfloat16-packed' (oneDNN-prepacked weights, as cpu_packed runs them)."""
-    dtype = torch.float32 if precision == "float32" else torch.bfloat16
+    in 'float32', 'bfloat16', 'float32-packed' or 'bfloat16-packed' (oneDNN-prepacked weights, as cpu_packed runs
+    them)."""
+    dtype = torch.float32 if precision.startswith("float32") else torch.bfloat16
     g = torch.Generator().manual_seed(5)
     ops = []
     for i, o in shapes:
         x = torch.randn(rows, i, generator=g).to(dtype)
         w, b = (torch.randn(o, i, generator=g) / i ** 0.5).to(dtype), torch.zeros(o, dtype=dtype)
-        if precision == "bfloat16-packed":
+        if precision.endswith("-packed"):
             p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
             ops.append(lambda x=x, p=p, b=b: torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], ""))
         else:
@@ -77,11 +79,12 @@ def _gemm_chain_time(shapes, rows: int, precision: str, rounds: int) -> float:
 
 
 def gemm_floor(denoiser: nn.Module, rows: int, rounds: int = 10) -> tuple[float, str]:
-    """(seconds, precision): the denoiser's per-step GEMMs at the fastest precision this CPU has (bf16 only where
-    oneDNN runs it; prepacked only where ``cpu_packed.available()``)."""
+    """(seconds, precision): the denoiser's per-step GEMMs the fastest way this CPU has (bf16 only where oneDNN runs
+    it; prepacked where ``cpu_packed.available(dtype)``)."""
     shapes = _step_gemm_shapes(denoiser)
-    precisions = ["float32"] + (["bfloat16"] if backend.cpu_bf16_gemm_supported() else []) + (
-        ["bfloat16-packed"] if cpu_packed.available() else [])
+    precisions = ["float32"] + (["bfloat16"] if backend.cpu_bf16_gemm_supported() else []) + [
+        f"{name}-packed" for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
+        if cpu_packed.available(dtype)]
     return min((_gemm_chain_time(shapes, rows, p, rounds), p) for p in precisions)
 
 

@@ -2,8 +2,9 @@
 paper-style reference on the same noise: trajectory statistics agree to what bf16 rounding explains, and a
 deliberately wrong option breaks the bound.
 
-bf16 is forced (``denoiser_dtype="bfloat16"``, ``policy_dtype="bfloat16"``): 'auto' picks bf16 only on CPUs with
-AVX512-BF16/AMX, and the development machine's auto choice is fp32.
+bf16 is forced (``denoiser_dtype="bfloat16"``, ``policy_dtype="bfloat16"``): 'auto' picks bf16 only where bf16 GEMMs
+measure faster than fp32 (``backend.measured_cpu_dtype``: AMX / AVX512-BF16 CPUs), and the development machine's
+(AVX2) auto choice is fp32.
 """
 import torch
 
