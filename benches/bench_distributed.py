@@ -92,6 +92,7 @@ def test_phases(benchmark, tmp_path, preset, world_size):
     result = benchmark.pedantic(lambda: _launch(tmp_path, preset, world_size), rounds=1, iterations=1)
     _RESULTS[(preset, world_size)] = result
     benchmark.extra_info.update(result)
+    print(f"\n{preset}, {world_size} rank(s): {result}")
     assert result["diffusion_step_s"] > 0 and result["imagination_s"] > 0
 
 

@@ -220,6 +220,22 @@ def test_resume_from_checkpoint_matches_uninterrupted(debug_run, tmp_path):
     assert _deterministic(_records(resumed_dir)) == _deterministic(_records(logdir))
 
 
+def test_checkpoint_records_its_world_size_and_another_one_is_refused(debug_run, tmp_path):
+    logdir, _ = debug_run
+    state = CheckpointManager(logdir / "checkpoints").latest()[1]
+    assert state["world_size"] == 1 and "ranks" not in state  # a single process: no per-rank states
+    agent = Agent(get_agent_preset("debug"), tmp_path, progress=False)
+    try:
+        with pytest.raises(ValueError, match=r"written by a run of 2 process\(es\) but this run has 1: resume it "
+                                             r"with the same world size \(torchrun --nproc_per_node 2 \.\.\.\)"):
+            agent.load_state_dict({**state, "world_size": 2, "ranks": [{}, {}]})
+        assert agent.env_steps == 0  # refused before anything was loaded
+        agent.load_state_dict({k: v for k, v in state.items() if k != "world_size"})  # written before the field
+        assert agent.env_steps == 200
+    finally:
+        agent.close()
+
+
 def test_rerun_with_another_config_is_refused(debug_run, tmp_path):
     logdir, _ = debug_run
     target = tmp_path / "other"

@@ -171,7 +171,8 @@ FAIL_WORKER = """
 """
 
 
-@pytest.mark.parametrize("mode", ["raise", "hang"])
+# the hang case waits out a 5 s timeout on top of two process starts: slow
+@pytest.mark.parametrize("mode", ["raise", pytest.param("hang", marks=pytest.mark.slow)])
 def test_a_failing_or_hanging_rank_brings_the_run_down_with_a_clear_error(tmp_path, mode):
     rc, log, seconds = _torchrun([_script(tmp_path, "fail_worker.py", FAIL_WORKER), mode], tmp_path, wall_s=120,
                                  env={TIMEOUT_ENV: "5"})
