@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -77,9 +78,16 @@ def _launch(tmp: Path, preset: str, world_size: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={world_size}", str(script), preset, str(tmp / "run"),
            str(ROUNDS)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    line = next(s for s in proc.stdout.splitlines() if s.startswith("BENCH "))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: no orphan keeps the cores busy
+        proc.communicate()
+        pytest.fail(f"{world_size}-rank launch of {preset} still running after 1800 s (killed)")
+    assert proc.returncode == 0, out[-4000:]
+    line = next(s for s in out.splitlines() if s.startswith("BENCH "))
     return json.loads(line[len("BENCH "):])
 
 

@@ -156,22 +156,24 @@ class DistContext:
         if not self.enabled:
             return fn()
         outcome: list[Any] = [None]
+        error: Exception | None = None
         if self.is_main:
             try:
-                outcome[0] = ("ok", fn())
+                outcome[0] = ("ok", fn(), None)
             except Exception as exc:  # every rank must hear of it, not wait at the broadcast below
-                outcome[0] = ("error", exc)
+                error = exc
+                outcome[0] = ("error", type(exc), str(exc))  # a class and a string always pickle
         with self._collective(what):
             torch.distributed.broadcast_object_list(outcome, src=0)
-        kind, value = outcome[0]
+        kind, value, message = outcome[0]
         if kind == "ok":
             return value
-        if self.is_main:
-            raise value
+        if error is not None:
+            raise error
         try:
-            rebuilt = type(value)(str(value))
+            rebuilt = value(message)
         except Exception:
-            rebuilt = DistributedError(f"{what} failed on rank 0: {type(value).__name__}: {value}")
+            rebuilt = DistributedError(f"{what} failed on rank 0: {value.__name__}: {message}")
         raise rebuilt
 
     def check_replicas(self, tensors: Mapping[str, torch.Tensor], what: str) -> None:
