@@ -46,7 +46,9 @@ def _guided_action_update_kernel(
         if GUIDANCE == _GRAD:
             w = tl.load(w_ptr).to(tl.float32)
             sigma = tl.load(coef_ptr + SIGMA_COL).to(tl.float32)
-            guided = clipped + tl.math.div_rn(w * (pm - clipped), ps * ps)
+            # the step's coefficient w / std^2 capped at 1 (step_ops.GUIDANCE_STEP_CAP: never past the mean)
+            gain = tl.minimum(tl.math.div_rn(w, ps * ps), 1.0)
+            guided = clipped + gain * (pm - clipped)
             moved = tl.math.div_rn(guided - am, asc) + (noise_scale * sigma) * z
         else:
             moved = tl.math.div_rn(pm + ps * z - am, asc)

@@ -68,6 +68,14 @@ def state_update_at(
     return x_next, mean, guide * obs_scale + obs_mean
 
 
+# The guidance step's coefficient w / std^2 is capped at 1: a step that passes the policy's mean lowers log pi
+# again (at 2 it lands as far on the other side, beyond 2 the actions diverge until clip_std stops them), and the
+# spread it causes makes the guidance-scale tuner raise w further: on pendulum-cpu (seed 1) the scale ran from
+# 0.005 to 2.6e12 within 1,200 env steps once w / std^2 crossed 1, and the agent's return fell to 2. Below the
+# cap the update is the paper's.
+GUIDANCE_STEP_CAP = 1.0
+
+
 def action_update_at(
     actions: torch.Tensor,
     policy_mean: torch.Tensor,
@@ -87,8 +95,9 @@ def action_update_at(
     actions, noise: [B,H,A] normalised; policy_mean, policy_std: [B,H,A] (or broadcastable) in RAW action units;
     act_mean, act_scale: [A]. Returns the new normalised actions [B,H,A]:
       last (t = 0, any type): clamp raw actions to mean +- clip_std*std only (the last step is never guided);
-      'grad':   clamp, then a += w * d/da log N(a; mean, std) = w (mean - a) / std^2, normalise,
-                add action_noise_scale * sigma_t * noise;
+      'grad':   clamp, then a += min(w / std^2, 1) (mean - a), i.e. the step w * d/da log N(a; mean, std) =
+                w (mean - a) / std^2 capped where it would pass the policy mean; normalise, add
+                action_noise_scale * sigma_t * noise;
       'sample': the policy's sample mean + std * noise, normalised (no clamp, no extra noise);
       'none':   actions unchanged.
     """
@@ -98,7 +107,8 @@ def action_update_at(
             a = torch.minimum(torch.maximum(a, policy_mean - clip_std * policy_std), policy_mean + clip_std * policy_std)
         if last:
             return (a - act_mean) / act_scale
-        a = a + guidance_scale * (policy_mean - a) / policy_std**2
+        # the step w (mean - a) / std^2 is capped at the policy mean (GUIDANCE_STEP_CAP): see docs/algorithm.md
+        a = a + torch.clamp(guidance_scale / policy_std**2, max=GUIDANCE_STEP_CAP) * (policy_mean - a)
         return (a - act_mean) / act_scale + action_noise_scale * coef[SIGMA] * noise
     if guidance_type == "sample":
         return (policy_mean + policy_std * noise - act_mean) / act_scale

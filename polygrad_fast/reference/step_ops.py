@@ -87,8 +87,8 @@ def action_step(
     actions, noise [B,H,A] normalised; act_mean, act_scale [A]; sigma_t the posterior std of step t. Returns (new
     normalised actions [B,H,A], the guided raw actions before the noise [B,H,A], or None without a gradient step):
       t = 0: clamp a to dist.mean +- clip_std * dist.stddev, nothing else (no clip_std: unchanged);
-      'grad': clamp, then a <- a + w * grad_a log pi(a|s) (autograd), normalise, add
-              action_noise_scale * sigma_t * noise;
+      'grad': clamp, then a <- a + w * grad_a log pi(a|s) (autograd), stopped at the policy's mean where the
+              step would pass it, normalise, add action_noise_scale * sigma_t * noise;
       'sample': a = dist.mean + dist.stddev * noise, normalised;
       'none': unchanged.
     """
@@ -106,7 +106,9 @@ def action_step(
     a = a.detach().requires_grad_(True)
     with torch.enable_grad():
         dist.log_prob(a).sum().backward()
-    a = (a + guidance_scale * a.grad).detach()
+    step = guidance_scale * a.grad
+    # a step longer than the distance to the policy's mean would pass it: it stops at the mean instead
+    a = torch.where(step.abs() > (dist.mean - a).abs(), dist.mean, a + step).detach()
     return (a - act_mean) / act_scale + action_noise_scale * sigma_t * noise, a
 
 
