@@ -181,12 +181,14 @@ def graph_runner_for(step: GuidedStep, step_table: torch.Tensor, fallback: Calla
                      timesteps: torch.Tensor | None = None) -> CudaGraphSampler | None:
     """A ``CudaGraphSampler`` for ``step`` (kernel ops) on step_table's device (the chain's table [K, 4] and trained
     timesteps [K], None: all T), or None (with one warning) where
-    the graph path cannot run: no CUDA device with a working Triton, or ``update_states`` (autograd through the
-    policy)."""
+    the graph path cannot run: no CUDA device with a working Triton, ``update_states`` (autograd through the
+    policy) or state guidance (autograd through the critic)."""
     if not triton_usable(step_table.device):
         reason = f"needs a CUDA device with a working Triton, the sampler is on {step_table.device}"
     elif step.config.update_states:
         reason = "update_states differentiates through the policy, which a captured graph cannot"
+    elif step.config.state_guidance != "none":
+        reason = "state guidance differentiates through the critic (autograd), which the graph path does not capture"
     else:
         return CudaGraphSampler(step, step_table, fallback, timesteps=timesteps)
     warn_once(f"CUDA-graph guided sampling unavailable ({reason}); using the sampler's eager fast path")

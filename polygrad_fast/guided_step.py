@@ -3,7 +3,9 @@
 Step t (the paper's policy-guided sampling algorithm): the denoiser predicts x0 from (x_t, sqrt(abar_t) a_t, t);
 the state half moves x_t to the posterior mean mu (its change clamped for t <= 10) plus sigma_t noise; the policy
 is evaluated on the guide states (x0 or mu); the action half takes one guidance step a += w (mu_pi - a) / sigma_pi^2
-(the gradient of log pi(a|s) for a diagonal Normal policy) plus noise. ``GuidedStep`` holds the callables, the
+(the gradient of log pi(a|s) for a diagonal Normal policy) plus noise; with advantage guidance
+(``SamplerConfig.state_guidance``) the x0 prediction's states are then shifted by c sigma_t^4 grad_s log w
+(``polygrad_fast.state_guidance``) and the state half re-run on the shifted prediction. ``GuidedStep`` holds the callables, the
 normaliser, the config and the two row-level ops (``StepOps``: torch's ``polygrad_fast.step_ops`` or the fused
 kernels); ``FastGuidedSampler``'s loop (eager or compiled) and the CUDA-graph loop (``gpu_sampling``) both call it.
 
@@ -18,6 +20,7 @@ import torch
 from .denoisers import Denoiser
 from .normalizer import Normalizer
 from .policy import policy_distribution
+from .state_guidance import advantage_log_weight_grad
 from .step_ops import CLIP_STATE_CHANGE_MAX_T, COEF1, COEF2, SIGMA, SQRT_ABAR, action_update_at, impose_start_obs, \
     state_update_at
 
@@ -71,13 +74,14 @@ class GuidedStep:
     denoiser: ``denoiser(x [B,H,D], a [B,H,A], step_input)`` -> x0 [B,H,D]; a polygrad_fast ``Denoiser`` runs
     ``forward_embedded`` on its precomputed time-embedding row, anything else gets the step vector t [B]
     (``step_inputs``). policy: raw guide states [B,H,O] -> fp32 (mean, std) over raw actions. grad_policy: the
-    live policy, differentiated for the ``update_states`` ablation. config: a ``SamplerConfig``.
+    live policy, differentiated for the ``update_states`` ablation. critic: raw states [..., O] -> V [...], the
+    value function of advantage guidance (``config.state_guidance`` 'sag'/'eag'). config: a ``SamplerConfig``.
     """
 
     def __init__(self, denoiser: Callable, policy: Callable, normalizer: Normalizer, config, ops: StepOps = TORCH_OPS,
-                 grad_policy: Callable | None = None):
+                 grad_policy: Callable | None = None, critic: Callable | None = None):
         self.denoiser, self.policy, self.normalizer, self.config, self.ops = denoiser, policy, normalizer, config, ops
-        self.grad_policy = grad_policy
+        self.grad_policy, self.critic = grad_policy, critic
         self.embeds_time = isinstance(denoiser, Denoiser)
         self.denoise = denoiser.forward_embedded if self.embeds_time else denoiser  # (x, a, step_input) -> x0
         self.act_dim = normalizer.act_dim
@@ -120,18 +124,35 @@ class GuidedStep:
                                                     state_noise, c.states_for_guidance, **kernel_noise)
         change = mean - x if last else None
         if last and c.clip_std is None or not last and c.guidance_type == "none":
-            return x_next, a, change, std_min  # the action update is the identity: skip the policy forward
-        p_mean, p_std = check_policy_output(*self.policy(guide), guide, self.act_dim)
-        std_min = torch.minimum(std_min, p_std.amin())
-        a_next = self.ops.action_update(a, p_mean, p_std, act.mean, act.scale, coef, g, c.clip_std, action_noise,
-                                        c.action_noise_scale, c.guidance_type, last, **kernel_noise)
-        if c.update_states and not last:
+            a_next = a  # the action update is the identity: skip the policy forward
+        else:
+            p_mean, p_std = check_policy_output(*self.policy(guide), guide, self.act_dim)
+            std_min = torch.minimum(std_min, p_std.amin())
+            a_next = self.ops.action_update(a, p_mean, p_std, act.mean, act.scale, coef, g, c.clip_std, action_noise,
+                                            c.action_noise_scale, c.guidance_type, last, **kernel_noise)
+        if c.update_states and not last:  # (guidance_type 'grad' only, so a_next is the guided one)
             # the guided raw action before its noise, at which the ablation differentiates log pi
             a_guided = self.normalizer.unnormalize(a_next - c.action_noise_scale * coef[SIGMA] * action_noise,
                                                    "actions")
             x_next = self._update_guide_states(x, impose_start_obs(x0, start), mean, a_guided, start, coef, g,
                                                state_noise)
+        if c.state_guidance != "none" and not last:
+            x_next = self._advantage_guided_states(x, x0, start, coef, clip_state_change, state_noise, kernel_noise)
         return x_next, a_next, change, std_min
+
+    def _advantage_guided_states(self, x, x0, start, coef, clip_state_change, state_noise, kernel_noise):
+        """Advantage guidance: x0's states += c sigma_t^4 grad_s log w (normalised s; sigma_t^2 the posterior variance
+        of this step), then the state half again on the shifted prediction: the start state re-imposed, the posterior
+        mean recomputed (with the t <= 10 clamp, which guards the low-noise steps against jumps from any source),
+        the same noise. x, x0 [B,H,D]. Returns x_{t-1} [B,H,D]."""
+        c, obs = self.config, self.normalizer["observations"]
+        x0 = impose_start_obs(x0, start)
+        grad = advantage_log_weight_grad(x0, self.critic, self.normalizer, c.state_guidance, c.state_guidance_gamma)
+        shifted = torch.cat([x0[..., : start.shape[-1]] + c.state_guidance_scale * coef[SIGMA] ** 4 * grad,
+                             x0[..., start.shape[-1]:]], dim=-1)
+        x_next, _, _ = self.ops.state_update(x, shifted, start, coef, obs.mean, obs.scale, clip_state_change,
+                                             state_noise, c.states_for_guidance, **kernel_noise)
+        return x_next
 
     def _update_guide_states(self, x, x_recon, mean, a_guided, start, coef, g, state_noise) -> torch.Tensor:
         """The ``update_states`` ablation: guide states s += w grad_s log pi(a_guided | s) (autograd on the live

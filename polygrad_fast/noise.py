@@ -66,8 +66,10 @@ def fill_standard_normal(out: torch.Tensor, generator: torch.Generator | None = 
 class SamplerNoise:
     """All the Gaussian noise of one sampling call, so two samplers can consume exactly the same numbers.
 
-    x_T [B,H,D], a_T [B,H,A]: initial trajectory / actions; state [T,B,H,D], action [T,B,H,A]: the noise of
-    reverse step t is ``state[t]`` / ``action[t]`` (``[0]`` is unused: the last step adds no noise).
+    x_T [B,H,D], a_T [B,H,A]: initial trajectory / actions; state [K,B,H,D], action [K,B,H,A]: the noise of
+    the chain's reverse step i is ``state[i]`` / ``action[i]`` (``state[0]`` is unused: the last step adds no
+    noise). K is the chain's number of steps: T, or ``SamplerConfig.sampling_steps`` for a respaced chain (its
+    step i runs at trained timestep t_i), so a K-step chain draws K + 1 noise rows, not T + 1.
     """
 
     x_T: torch.Tensor
@@ -78,13 +80,14 @@ class SamplerNoise:
     @classmethod
     def draw(cls, n_steps: int, batch: int, horizon: int, transition_dim: int, action_dim: int,
              generator: torch.Generator | None = None, device=None) -> "SamplerNoise":
-        """One ``fill_standard_normal`` draw for the whole chain: [T+1, B, H, D+A] (see ``from_buffer``)."""
+        """One ``fill_standard_normal`` draw for the whole chain of ``n_steps`` = K steps: [K+1, B, H, D+A] (see
+        ``from_buffer``)."""
         buf = torch.empty(n_steps + 1, batch, horizon, transition_dim + action_dim, device=device)
         return cls.from_buffer(fill_standard_normal(buf, generator), transition_dim)
 
     @classmethod
     def from_buffer(cls, buf: torch.Tensor, transition_dim: int) -> "SamplerNoise":
-        """Views of buf [T+1, B, H, D+A]: index T holds (x_T, a_T), index t < T the noise of step t."""
+        """Views of buf [K+1, B, H, D+A]: index K holds (x_T, a_T), index i < K the noise of chain step i."""
         T, D = buf.shape[0] - 1, transition_dim
         return cls(x_T=buf[T, ..., :D], a_T=buf[T, ..., D:], state=buf[:T, ..., :D], action=buf[:T, ..., D:])
 

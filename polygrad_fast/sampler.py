@@ -32,6 +32,7 @@ from .normalizer import Normalizer
 from .policy import policy_mean_std, standardized_action_moments
 from .reference.guided_sampling import guided_sample
 from .schedule import NoiseSchedule
+from .state_guidance import StateGuidance
 from .step_ops import GuidanceType, StatesForGuidance
 
 RECOMPILE_LIMIT = 64  # compiled entries of the step function before dynamo falls back to eager
@@ -51,6 +52,11 @@ class SamplerConfig:
     sampling_steps: None runs all T trained steps; K in 2..T runs the K-step chain on the evenly strided trained
     timesteps (``NoiseSchedule.respaced``: posterior coefficients recomputed for the longer steps, the denoiser
     given the trained t, the t <= 10 clamp decided by the trained t). The guidance scale is not rescaled for K.
+    state_guidance: advantage-guided diffusion after the action update of every step t >= 1: 'none', 'sag'
+    (w = prod_k sigmoid(A_k)) or 'eag' (w = exp(sum_k A_k)), A_k = r_k + gamma (1 - d_k) V(s_{k+1}) - V(s_k) on
+    the x0 prediction with the sampler's ``critic``; x0's states move by state_guidance_scale * sigma_t^4 *
+    grad_s log w (``polygrad_fast.state_guidance``); state_guidance_gamma is gamma. Runs the step eagerly (as
+    ``update_states`` does: autograd through the critic), not compiled and not as a CUDA graph.
     How it runs (dtypes, compile, backend, CPU kernels) is ``backend.ExecutionOptions``.
     """
 
@@ -68,6 +74,9 @@ class SamplerConfig:
     # sigma_pi^2 then reaches 1 at sigma_pi = 0.2 (w = 0.005; act_std 0.76 there) and overshoots the policy mean
     # beyond it (> 2: an oscillation bounded only by the clip) for the stds the actor reaches (min std 0.1).
     sampling_steps: int | None = None
+    state_guidance: StateGuidance = "none"
+    state_guidance_scale: float = 3.0
+    state_guidance_gamma: float = 0.99
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -79,9 +88,14 @@ class SamplerConfig:
             v = getattr(self, name)
             if v is not None and not v > 0:
                 raise ValueError(f"SamplerConfig.{name} must be None or a positive number, got {v!r}")
-        for name in ("guidance_scale", "action_noise_scale"):
+        for name in ("guidance_scale", "action_noise_scale", "state_guidance_scale"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"SamplerConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.state_guidance_gamma <= 1:
+            raise ValueError(f"SamplerConfig.state_guidance_gamma must be in [0, 1], got {self.state_guidance_gamma!r}")
+        if self.update_states and self.state_guidance != "none":
+            raise ValueError("SamplerConfig.update_states=True and state_guidance="
+                             f"{self.state_guidance!r} both move the guide states; choose one")
         if self.update_states and self.guidance_type != "grad":
             raise ValueError("SamplerConfig.update_states=True needs guidance_type='grad' (the paper applies it "
                              f"only there), got guidance_type={self.guidance_type!r}")
@@ -151,11 +165,14 @@ class FastGuidedSampler:
     ``policy(raw_states [...,O])`` returns (mean, std), a Normal or an Independent(Normal) over RAW actions
     (closed-form guidance assumes exactly that; the repository's ``Actor`` qualifies). Options: the algorithm
     (``SamplerConfig``, ``config=``) and how it runs (``ExecutionOptions``, ``execution=``); a keyword option
-    naming a field of either replaces that field.
+    naming a field of either replaces that field. ``critic(raw_states [..., O]) -> V [...]``: the value function of
+    advantage guidance (``SamplerConfig.state_guidance``), required for 'sag'/'eag' and read live at every call
+    (pass the agent's online critic); ignored otherwise.
     """
 
     def __init__(self, denoiser: nn.Module, schedule: NoiseSchedule, policy: Callable, normalizer: Normalizer,
-                 config: SamplerConfig | None = None, execution: ExecutionOptions | None = None, **options):
+                 config: SamplerConfig | None = None, execution: ExecutionOptions | None = None, *,
+                 critic: Callable | None = None, **options):
         self.config, self.execution = cfg, ex = _split_options(config, execution, options)
         for name, value, kind in (("denoiser", denoiser, nn.Module), ("schedule", schedule, NoiseSchedule),
                                   ("normalizer", normalizer, Normalizer)):
@@ -182,6 +199,7 @@ class FastGuidedSampler:
         policy_params = list(policy.parameters()) if isinstance(policy, nn.Module) else []
         if policy_params and policy_params[0].device != self.device:
             raise ValueError(f"policy is on {policy_params[0].device} but the denoiser on {self.device}")
+        self.critic = _check_critic(critic, cfg.state_guidance, self.obs_dim, self.device)
         self.backend = select_backend(self.device, ex.backend)
         self.guidance_scale = torch.tensor(float(cfg.guidance_scale), device=self.device)
         self._lock = threading.Lock()  # see sample(): one call at a time
@@ -222,7 +240,7 @@ class FastGuidedSampler:
                 and self._denoiser_fast is not self.denoiser and cpu_packed.available()
                 and cpu_packed.prepack_linears(self._denoiser_fast, batch_hint=256)):
             self._packed.append(self._denoiser_fast)
-        compiled = ex.compile and self.backend == "torch" and not cfg.update_states
+        compiled = ex.compile and self.backend == "torch" and not cfg.update_states and cfg.state_guidance == "none"
         if ex.cpu_fuse_norm_act and self.device.type == "cpu" and cpu_layer_norm.available():
             # Hopper B=256, sample() min of 5-8 interleaved rounds (s): compiled: nothing fused 0.575, policy 0.547,
             # policy + denoiser 0.551, denoiser 0.596 (in a compiled graph the op's dispatch cost and the lost
@@ -234,7 +252,8 @@ class FastGuidedSampler:
                 if module is not None:
                     cpu_layer_norm.fuse_layer_norm_acts(module)
         self.guided_step = GuidedStep(self._denoiser_fast, self._policy_fast, self.normalizer, cfg,
-                                      triton_ops() if self.backend == "triton" else TORCH_OPS, grad_policy=self.policy)
+                                      triton_ops() if self.backend == "triton" else TORCH_OPS, grad_policy=self.policy,
+                                      critic=self.critic)
         self._step = self.guided_step
         if compiled:
             # One graph for the whole step (denoiser, state op, policy, action op): t enters as tensors and Python
@@ -344,7 +363,8 @@ class FastGuidedSampler:
             guidance_type=c.guidance_type, guidance_scale=g, clip_std=c.clip_std,
             clip_state_change=c.clip_state_change, states_for_guidance=c.states_for_guidance,
             update_states=c.update_states, action_noise_scale=c.action_noise_scale, sampling_steps=c.sampling_steps,
-            noise=noise)
+            critic=self.critic, state_guidance=c.state_guidance, state_guidance_scale=c.state_guidance_scale,
+            state_guidance_gamma=c.state_guidance_gamma, noise=noise)
 
     def _sync(self) -> None:
         if not self.execution.sync_weights:
@@ -368,8 +388,8 @@ class FastGuidedSampler:
         reads step-table row i and the noise of step i, the denoiser and the clamp see the trained timestep t_i."""
         c, B, step = self.config, start.shape[0], self.guided_step
         buf = self._get_buffers(B, horizon)
-        # update_states needs autograd on the guide states, which inference tensors do not allow.
-        grad_mode = torch.no_grad() if c.update_states else torch.inference_mode()
+        # update_states and state guidance need autograd on the states, which inference tensors do not allow.
+        grad_mode = torch.no_grad() if c.update_states or c.state_guidance != "none" else torch.inference_mode()
         with grad_mode:
             if noise is None:
                 fill_standard_normal(buf["noise"], generator)
@@ -411,6 +431,24 @@ class FastGuidedSampler:
                              "every guide state (a Normal over raw actions)")
         return ImaginedBatch(obs, act, n.unnormalize(rew_n, "rewards"), terminals, obs_n, act_n, rew_n, term_n,
                              metrics)
+
+
+def _check_critic(critic, state_guidance: str, obs_dim: int, device: torch.device) -> Callable | None:
+    """The critic of advantage guidance, checked: required (callable) when state_guidance is not 'none', its
+    ``obs_dim`` (if it has one) the normaliser's, its parameters on the sampler's device."""
+    if critic is None:
+        if state_guidance != "none":
+            raise ValueError(f"SamplerConfig.state_guidance={state_guidance!r} needs the critic: pass "
+                             "FastGuidedSampler(..., critic=critic), a module raw observations [..., O] -> V [...]")
+        return None
+    if not callable(critic):
+        raise TypeError(f"critic must be callable (raw states [..., O] -> V [...]), got {type(critic).__name__}")
+    if getattr(critic, "obs_dim", obs_dim) != obs_dim:
+        raise ValueError(f"critic.obs_dim = {critic.obs_dim} but the normaliser implies {obs_dim}")
+    params = list(critic.parameters()) if isinstance(critic, nn.Module) else []
+    if params and params[0].device != device:
+        raise ValueError(f"critic is on {params[0].device} but the denoiser on {device}")
+    return critic
 
 
 def _guidance_scale_tensor(value, device: torch.device) -> torch.Tensor:

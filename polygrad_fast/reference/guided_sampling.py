@@ -17,6 +17,7 @@ from typing import NamedTuple
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.distributions import Distribution, Independent, Normal
 
 from ..normalizer import Normalizer
@@ -25,9 +26,11 @@ from .noise import standard_normal
 from .step_ops import (GUIDANCE_TYPES, STATES_FOR_GUIDANCE, action_step, apply_conditioning, extract,
                        guided_state_update)
 
+STATE_GUIDANCE_TYPES = ("none", "sag", "eag")
+
 
 class ChainNoise(NamedTuple):
-    """All the noise of one call: x_T [B,H,D], a_T [B,H,A]; state [T,B,H,D], action [T,B,H,A] for step t."""
+    """All the noise of one call: x_T [B,H,D], a_T [B,H,A]; state [K,B,H,D], action [K,B,H,A] for chain step i."""
 
     x_T: torch.Tensor
     a_T: torch.Tensor
@@ -129,6 +132,37 @@ def reference_action_step(
                        action_noise_scale, guidance_type)
 
 
+def advantage_guided_prediction(
+    x_recon: torch.Tensor,
+    critic,
+    normalizer: Normalizer,
+    state_guidance: str,
+    scale: float,
+    gamma: float,
+    sigma_t: torch.Tensor,
+) -> torch.Tensor:
+    """Advantage-guided diffusion on the x0 prediction x_recon [B,H,D] (normalised, first observation imposed).
+
+    With raw s_k = unnormalize(x_recon states), raw rewards r_k and terminals d_k = [raw terminal > 0.5] (both
+    detached), A_k = r_k + gamma (1 - d_k) V(s_{k+1}) - V(s_k) for k = 0..H-2 and
+    log w = sum_k log sigmoid(A_k) ('sag') or sum_k A_k ('eag'); returns x_recon with its NORMALISED state columns
+    moved by scale * sigma_t^4 * grad log w (autograd), the gradient's last-state row set to zero.
+    """
+    O = normalizer.obs_dim
+    s = x_recon[..., :O].detach().clone().requires_grad_(True)
+    r = normalizer.unnormalize(x_recon[..., O], "rewards").detach()
+    d = (normalizer.unnormalize(x_recon[..., O + 1], "terminals") > 0.5).float()
+    with torch.enable_grad():
+        v = critic(normalizer.unnormalize(s, "observations"))
+        adv = r[:, :-1] + gamma * (1 - d[:, :-1]) * v[:, 1:] - v[:, :-1]
+        log_w = F.logsigmoid(adv).sum() if state_guidance == "sag" else adv.sum()
+        (grad,) = torch.autograd.grad(log_w, s, allow_unused=True, materialize_grads=True)
+    grad[:, -1] = 0.0
+    shifted = x_recon.clone()
+    shifted[..., :O] = s.detach() + scale * sigma_t**4 * grad
+    return shifted
+
+
 def guided_step(
     denoiser,
     x: torch.Tensor,
@@ -148,13 +182,19 @@ def guided_step(
     state_noise: torch.Tensor | None,
     action_noise: torch.Tensor | None,
     row: int | None = None,
+    critic=None,
+    state_guidance: str = "none",
+    state_guidance_scale: float = 3.0,
+    state_guidance_gamma: float = 0.99,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One reverse step of the paper's policy-guided sampler. Returns (x_{t-1} [B,H,D], actions [B,H,A], mu - x_t).
 
     The denoiser predicts x0 from (x_t, sqrt(abar_t) a, t); the state half and the policy's guidance follow
     (``guided_state_update``, ``reference_action_step``); with ``update_states`` the guide states move too.
     t is the trained timestep (denoiser input, the t <= 10 clamp); the coefficients are ``step_table[row]`` (row
-    None: t; a K-step chain's step index otherwise).
+    None: t; a K-step chain's step index otherwise). With ``state_guidance`` ('sag'/'eag') and t >= 1, after the
+    action half the prediction is advantage-guided (``advantage_guided_prediction``, sigma_t^2 the posterior
+    variance of this step) and the state half re-run on it (start re-imposed, posterior mean recomputed).
     """
     row = t if row is None else row
     timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
@@ -171,6 +211,12 @@ def guided_step(
         x_next, mean = update_guide_states(x, apply_conditioning(x_recon, start_obs), mean, a_guided, start_obs, row,
                                            step_table, policy, normalizer, guidance_scale, states_for_guidance,
                                            state_noise)
+    if state_guidance != "none" and t > 0:
+        shifted = advantage_guided_prediction(
+            apply_conditioning(x_recon, start_obs), critic, normalizer, state_guidance, state_guidance_scale,
+            state_guidance_gamma, extract(step_table, "posterior_std", row))
+        x_next, mean, _ = guided_state_update(x, shifted, start_obs, t, step_table, obs.mean, obs.scale,
+                                              clip_state_change, state_noise, states_for_guidance, row=row)
     return x_next, new_actions, mean - x
 
 
@@ -223,6 +269,10 @@ def guided_sample(
     update_states: bool = False,
     action_noise_scale: float = 1.0,
     sampling_steps: int | None = None,
+    critic=None,
+    state_guidance: str = "none",
+    state_guidance_scale: float = 3.0,
+    state_guidance_gamma: float = 0.99,
     noise=None,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -230,12 +280,17 @@ def guided_sample(
 
     start_obs [B,O] normalised. Returns (x [B,H,D] normalised trajectory, actions [B,H,A] normalised,
     change metrics of the last step). Noise comes from ``noise`` or, if None, ``draw_noise(generator)``, for the K
-    steps of the chain (``respaced_chain``: K = sampling_steps, None: all T).
+    steps of the chain (``respaced_chain``: K = sampling_steps, None: all T). state_guidance 'sag'/'eag' needs
+    ``critic`` (raw states [..., O] -> V [...]).
     """
     if guidance_type not in GUIDANCE_TYPES:
         raise ValueError(f"guidance_type must be one of {GUIDANCE_TYPES}, got {guidance_type!r}")
     if states_for_guidance not in STATES_FOR_GUIDANCE:
         raise ValueError(f"states_for_guidance must be one of {STATES_FOR_GUIDANCE}, got {states_for_guidance!r}")
+    if state_guidance not in STATE_GUIDANCE_TYPES:
+        raise ValueError(f"state_guidance must be one of {STATE_GUIDANCE_TYPES}, got {state_guidance!r}")
+    if state_guidance != "none" and critic is None:
+        raise ValueError(f"state_guidance={state_guidance!r} needs a critic (raw states [..., O] -> V [...])")
     B, O = start_obs.shape
     D, A = O + 2, normalizer.act_dim
     kept, step_table = respaced_chain(schedule, sampling_steps, device=start_obs.device)
@@ -249,7 +304,8 @@ def guided_sample(
         x, actions, change = guided_step(
             denoiser, x, actions, start_obs, kept[i], step_table, policy, normalizer, guidance_scale, guidance_type,
             clip_std, clip_state_change, states_for_guidance, update_states, action_noise_scale,
-            noise.state[i], noise.action[i], row=i)
+            noise.state[i], noise.action[i], row=i, critic=critic, state_guidance=state_guidance,
+            state_guidance_scale=state_guidance_scale, state_guidance_gamma=state_guidance_gamma)
     return x, actions, change_metrics(change)
 
 
