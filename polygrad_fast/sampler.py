@@ -68,11 +68,12 @@ class SamplerConfig:
     update_states: bool = False
     action_noise_scale: float = 1.0
     # The guidance scale w stays per step at any K (GuidanceScaleTuner re-targets act_std = 1 for the K in use).
-    # Measured (random residual-MLP denoiser 128x2, Actor std 1, T = 128, tau = 0.1, H = 10, B = 256, mean of 3
-    # seeds): act_std at w = 0.005 is 0.86 at K = 128, 1.23 at K = 16; at w = 0.05 0.24 vs 0.69. Rescaling w by T/K
-    # at K = 16 gives 0.78 and 0.17 (closer), but the per-step pull w T / (K sigma_pi^2) of a += w (mu_pi - a) /
-    # sigma_pi^2 then reaches 1 at sigma_pi = 0.2 (w = 0.005; act_std 0.76 there) and overshoots the policy mean
-    # beyond it (> 2: an oscillation bounded only by the clip) for the stds the actor reaches (min std 0.1).
+    # Measured before the pull was capped at the policy mean (random residual-MLP denoiser 128x2, Actor std 1,
+    # T = 128, tau = 0.1, H = 10, B = 256, mean of 3 seeds): act_std at w = 0.005 is 0.86 at K = 128, 1.23 at
+    # K = 16; at w = 0.05 0.24 vs 0.69. Rescaling w by T/K at K = 16 gives 0.78 and 0.17 (closer), but the
+    # per-step pull w T / (K sigma_pi^2) then reaches 1 at sigma_pi = 0.2 (w = 0.005; act_std 0.76 there), where
+    # the capped step min(w / sigma_pi^2, 1) sets the actions to the policy mean at every step, for the stds the
+    # actor reaches (min std 0.1): a fixed T/K factor would change what the tuned w means with the policy's std.
     sampling_steps: int | None = None
     state_guidance: StateGuidance = "none"
     state_guidance_scale: float = 3.0
