@@ -179,8 +179,9 @@ class Agent:
         self.a2c = A2CTrainer(self.actor, self.critic, cfg.a2c)
         self.tuner = GuidanceScaleTuner(cfg.sampler.guidance_scale, lr=cfg.guidance_lr, device=dev)
         self.normalizer = Normalizer.identity(O, A, device=dev)  # fitted on the prefill in start()
+        # the critic is read only by advantage-guided sampling (sampler.state_guidance sag / eag)
         self.sampler = FastGuidedSampler(self.trainer.ema_model, schedule, self.actor, self.normalizer,
-                                         config=cfg.sampler, execution=cfg.execution)
+                                         config=cfg.sampler, execution=cfg.execution, critic=self.critic)
         # "action" is replicated (every rank steps the same env stream), "imagine" is this rank's own stream
         self.generators = {name: torch.Generator(dev).manual_seed(
             dist.rank_seed(cfg.seed * 8 + i) if name == "imagine" else cfg.seed * 8 + i)

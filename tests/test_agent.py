@@ -121,6 +121,32 @@ def test_sampler_sees_the_refitted_normaliser(tmp_path):
         agent.close()
 
 
+def test_advantage_guidance_uses_the_agents_critic(tmp_path):
+    """--sampler.state_guidance sag: the agent's sampler guides with its own online critic (the same sampler
+    given another critic imagines other trajectories; c = 0 imagines the unguided ones)."""
+    base = get_agent_preset("debug")
+    cfg = dataclasses.replace(base, sampler=dataclasses.replace(base.sampler, state_guidance="sag"))
+    agent = Agent(cfg, tmp_path, progress=False)
+    try:
+        agent.start()
+        start = agent.buffer.sample_windows(8, cfg.horizon, seed=0, normalize=False).start_obs
+
+        def imagined(critic, scale):
+            sampler = FastGuidedSampler(agent.trainer.ema_model, agent.sampler.schedule, agent.actor,
+                                        agent.normalizer, config=dataclasses.replace(cfg.sampler,
+                                                                                     state_guidance_scale=scale),
+                                        execution=cfg.execution, critic=critic)
+            return sampler.sample(start, generator=torch.Generator().manual_seed(3)).observations
+
+        got = agent.sampler.sample(start, generator=torch.Generator().manual_seed(3)).observations
+        assert torch.equal(got, imagined(agent.critic, cfg.sampler.state_guidance_scale))
+        other = type(agent.critic)(agent.critic.obs_dim, cfg.policy.hidden, cfg.policy.layers)
+        assert not torch.allclose(got, imagined(other, cfg.sampler.state_guidance_scale))
+        assert not torch.allclose(got, imagined(agent.critic, 0.0))
+    finally:
+        agent.close()
+
+
 @pytest.mark.parametrize("clipped", [False, True])
 def test_stored_actions_are_the_sampled_ones_unless_clipping_is_asked(tmp_path, clipped):
     cfg = dataclasses.replace(get_agent_preset("debug"), store_clipped_actions=clipped)
