@@ -42,6 +42,9 @@ def running_commands() -> list[list[str]]:
     return [shlex.split(line.split("#", 1)[0]) for line in block.splitlines() if line.strip()]
 
 
+WORKFLOW = ("plot", "render", "collect")  # subcommands whose README lines act on files the lines before made
+
+
 def test_readme_running_commands(capsys):
     commands = running_commands()
     assert len(commands) >= 4
@@ -62,10 +65,32 @@ def test_readme_running_commands(capsys):
             from polygrad_fast.agent import parse_args
 
             parse_args(rest)
-        elif name == "wm-eval":  # the world-model comparison: its command line parses into a valid config
+        elif name in ("eval-wm", "wm-eval"):  # the world-model comparison: its command line parses
             from polygrad_fast import wm_eval
 
             wm_eval.parse_args(rest)
+        elif name in WORKFLOW:  # they read a run directory: run for real in test_readme_workflow_runs (slow)
+            with pytest.raises(SystemExit) as info:
+                main([name, "--help"])
+            assert info.value.code == 0 and "--out" in capsys.readouterr().out
         else:  # a world-model run: its command line parses into a valid config
             assert name == "train-wm"
             parse_run(rest, name, "", WorldModelRunConfig, PRESETS, DEFAULT_PRESET)
+
+
+@pytest.mark.slow
+def test_readme_workflow_runs(tmp_path, monkeypatch, capsys):
+    """The Running block's lines that write runs/debug and act on it run as written, in order, from a fresh
+    directory: the debug agent run, then plot, render and collect (about a minute)."""
+    monkeypatch.chdir(tmp_path)
+    lines = [argv for argv in running_commands()
+             if any(a.startswith("runs/debug") for a in argv) or argv[1] in WORKFLOW]
+    assert [argv[1] for argv in lines][:4] == ["train", "plot", "render", "train"] and lines[-1][1] == "collect"
+    for argv in lines:
+        argv = [*argv, "--no_progress"] if argv[1] == "train" else argv
+        assert main(argv[1:]) == 0, argv
+    for path in ("runs/debug/curves.png", "runs/debug/imagined.gif", "runs/hopper-random.pgbuf",
+                 "runs/debug-agd/final_metrics.json"):
+        assert (tmp_path / path).stat().st_size > 0, path
+    assert (tmp_path / "runs/debug/curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "runs/debug/imagined.gif").read_bytes()[:6] in (b"GIF87a", b"GIF89a")
