@@ -29,6 +29,10 @@ _EXPORTS: dict[str, str] = {
     "WorldModelRunConfig": "presets", "PRESETS": "presets", "get_preset": "presets",
     "WorldModelRun": "train_world_model", "CheckpointManager": "checkpoint", "prepare_run_dir": "run_dir",
     "RunLogger": "run_logging",
+    "Agent": "agent", "AgentConfig": "agent_config", "AGENT_PRESETS": "agent_config",
+    "CollectConfig": "collect", "Renderer": "render", "write_video": "render",
+    # data parallelism
+    "DistContext": "distributed", "process_group": "distributed",
 }
 
 __all__ = ["__version__", *_EXPORTS]
