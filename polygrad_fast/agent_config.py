@@ -219,9 +219,10 @@ AGENT_PRESETS: dict[str, AgentConfig] = {
     # reached 1000 on one seed and then fell back on every seed (noisy fixed-size steps); 512 trajectories and
     # 0.03 are these. Guidance is tuned from 0.05 with LR 3e-2 (the paper's world-model-only value): with 8x
     # fewer reverse steps than T=128 the scale that gives on-policy imagined actions (act_std 1) is larger, and
-    # 3e-3 took ~300 updates to get there.
+    # 3e-3 took ~300 updates to get there. 20k env steps: at the measured ~58 CPU s per 1k env steps (1 thread,
+    # AVX2 Zen 3) a run fits in 20 minutes of one core; all three seeds returned 1000 at 15k and 20k.
     "pendulum-cpu": AgentConfig(
-        env="InvertedPendulum-v5", n_env_steps=25_000, n_prefill_steps=1000, n_diffusion_steps=16,
+        env="InvertedPendulum-v5", n_env_steps=20_000, n_prefill_steps=1000, n_diffusion_steps=16,
         pretrain_diffusion=500, agent_batch_size=512, guidance_lr=3e-2, eval_interval=5000, eval_episodes=10,
         checkpoint_interval=5000, torch_threads=1,
         policy=PolicyConfig(hidden=64, layers=2),
