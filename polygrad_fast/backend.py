@@ -71,13 +71,14 @@ class ExecutionOptions:
     faster of fp32 and bf16 as measured on the running CPU (``measured_cpu_dtype``), or ``POLYGRAD_FAST_CPU_DTYPE``;
     the policy's 'auto' follows the resolved denoiser dtype; an explicit dtype is never second-guessed). compile:
     ``torch.compile`` the whole reverse step (torch backend). backend: see ``select_backend``. sync_weights:
-    refresh the low-precision copies from the live modules at every ``sample()`` call. cpu_prepack: the CPU bf16
-    denoiser copy runs its large Linears on oneDNN-prepacked weights (``polygrad_fast.cpu_packed``), the residual
-    skip added in the GEMM epilogue, repacked at each weight sync, each Linear only where packing measured faster
-    on this CPU (``cpu_packed.packing_pays_off``; ``POLYGRAD_FAST_CPU_PREPACK`` forces it); batches in
-    ``cpu_packed.PLAIN_ROWS`` run plain. cpu_fuse_norm_act: CPU low-precision
-    copies run LayerNorm followed by ReLU/ELU as one native kernel (``polygrad_fast.cpu_layer_norm``): the policy
-    copy always, the denoiser copy only when not compiled (inductor already fuses it there).
+    refresh the sampler's copies from the live modules at every ``sample()`` call. cpu_prepack: the CPU denoiser
+    copy (bf16, or fp32: the sampler makes fp32 inference copies on CPU for these kernels) runs its large Linears on
+    oneDNN-prepacked weights (``polygrad_fast.cpu_packed``), bias and residual skip added in the GEMM epilogue,
+    repacked at each weight sync, each Linear only where packing measured faster on this CPU
+    (``cpu_packed.packing_pays_off``; ``POLYGRAD_FAST_CPU_PREPACK`` forces it); bf16 batches in
+    ``cpu_packed.PLAIN_ROWS`` run plain. cpu_fuse_norm_act: the CPU copies run LayerNorm followed by ReLU/ELU as
+    one native kernel (``polygrad_fast.cpu_layer_norm``): the policy copy always, the denoiser copy only when not
+    compiled (inductor already fuses it there). The user's modules are never changed.
     """
 
     denoiser_dtype: DtypeChoice = "auto"

@@ -135,6 +135,11 @@ class _PolicyCall(nn.Module):
         return tuple(v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in (mean, std))
 
 
+def _inference_copy(module: nn.Module) -> nn.Module:
+    """A deep copy for inference only (eval mode, no gradients), refreshed from its source by ``_copy_weights``."""
+    return copy.deepcopy(module).eval().requires_grad_(False)
+
+
 def _copy_weights(dst: nn.Module, src: nn.Module) -> None:
     """In-place refresh of a (cast) deep copy from its source, matching state-dict tensors by name (the copy's
     non-persistent buffers, e.g. ``PackedLinear.slot``, are its own)."""
@@ -223,35 +228,49 @@ class FastGuidedSampler:
                 raise TypeError(f"denoiser_dtype={ex.denoiser_dtype!r} needs a polygrad_fast Denoiser "
                                 f"(low_precision_copy); got {type(self.denoiser).__name__}")
             self.denoiser_dtype = torch.float32  # a foreign module runs as given
-        self._denoiser_fast = (self.denoiser if self.denoiser_dtype == torch.float32
-                               else low_precision_copy(self.denoiser, self.denoiser_dtype))
+        cpu = self.device.type == "cpu"
+        compiled = ex.compile and self.backend == "torch" and not cfg.update_states and cfg.state_guidance == "none"
+        fuse = ex.cpu_fuse_norm_act and cpu and cpu_layer_norm.available()
         self.policy_dtype = (self.denoiser_dtype if ex.policy_dtype == "auto"
                              else resolve_dtype(ex.policy_dtype, self.device))
-        if self.policy_dtype != torch.float32 and isinstance(self.policy, nn.Module):
-            self._policy_copy = copy.deepcopy(self.policy).eval().requires_grad_(False).to(self.policy_dtype)
-            self._policy_fast = _PolicyCall(self._policy_copy, self.policy_dtype)
-        else:
+        if not isinstance(self.policy, nn.Module):
             self.policy_dtype = torch.float32
-            self._policy_copy = None
-            self._policy_fast = _PolicyCall(self.policy)
-        self._packed = []  # low-precision copies whose Linears run prepacked (cpu_packed)
+        # Our own inference copies (the user's modules are never changed): always in low precision; in fp32 on CPU
+        # too, for the kernels below (prepacked fp32 GEMMs with bias and residual in the epilogue instead of MKL
+        # addmm's broadcast-bias copy and a separate add, fused LayerNorm + activation): together 1.34x (B=256) /
+        # 1.38x (B=1024) faster fp32 steps on AVX2 Zen 3 (docs/cpu_paths.md). An fp32 copy that none of them
+        # changed is dropped again below.
+        fp32_cpu = cpu and self.denoiser_dtype == torch.float32
+        self._denoiser_fast = (
+            low_precision_copy(self.denoiser, self.denoiser_dtype) if self.denoiser_dtype != torch.float32
+            else _inference_copy(self.denoiser) if (fp32_cpu and isinstance(self.denoiser, Denoiser)
+                                                    and (ex.cpu_prepack or (fuse and not compiled)))
+            else self.denoiser)
+        self._policy_copy = (_inference_copy(self.policy).to(self.policy_dtype)
+                             if self.policy_dtype != torch.float32 or fuse else None)
+        denoiser_copy = self._denoiser_fast is not self.denoiser
+        self._packed = []  # copies whose Linears run prepacked (cpu_packed)
         # The denoiser copy only: packing the policy's 256x256 Linear too (B·H rows) made sample() 2-3% slower at
         # B=1024 in an interleaved run (neutral at B=256) while the denoiser alone was 4% faster.
-        if (ex.cpu_prepack and self.device.type == "cpu" and self.denoiser_dtype == torch.bfloat16
-                and self._denoiser_fast is not self.denoiser and cpu_packed.available()
+        if (ex.cpu_prepack and cpu and denoiser_copy and cpu_packed.available(self.denoiser_dtype)
                 and cpu_packed.prepack_linears(self._denoiser_fast, batch_hint=256)):
             self._packed.append(self._denoiser_fast)
-        compiled = ex.compile and self.backend == "torch" and not cfg.update_states and cfg.state_guidance == "none"
-        if ex.cpu_fuse_norm_act and self.device.type == "cpu" and cpu_layer_norm.available():
+        fused_denoiser = fused_policy = 0
+        if fuse:
             # Hopper B=256, sample() min of 5-8 interleaved rounds (s): compiled: nothing fused 0.575, policy 0.547,
             # policy + denoiser 0.551, denoiser 0.596 (in a compiled graph the op's dispatch cost and the lost
             # fusion of the residual add outweigh the faster 256x1024 kernel); eager: nothing 0.811, policy 0.695,
-            # both 0.627. Our own copies only, never the user's modules.
-            copies = [self._policy_copy] + ([] if compiled or self._denoiser_fast is self.denoiser
-                                            else [self._denoiser_fast])
-            for module in copies:
-                if module is not None:
-                    cpu_layer_norm.fuse_layer_norm_acts(module)
+            # both 0.627.
+            if denoiser_copy and not compiled:
+                fused_denoiser = cpu_layer_norm.fuse_layer_norm_acts(self._denoiser_fast)
+            if self._policy_copy is not None:
+                fused_policy = cpu_layer_norm.fuse_layer_norm_acts(self._policy_copy)
+        if self.denoiser_dtype == torch.float32 and not (self._packed or fused_denoiser):
+            self._denoiser_fast = self.denoiser
+        if self.policy_dtype == torch.float32 and not fused_policy:
+            self._policy_copy = None
+        self._policy_fast = (_PolicyCall(self.policy) if self._policy_copy is None
+                             else _PolicyCall(self._policy_copy, self.policy_dtype))
         self.guided_step = GuidedStep(self._denoiser_fast, self._policy_fast, self.normalizer, cfg,
                                       triton_ops() if self.backend == "triton" else TORCH_OPS, grad_policy=self.policy,
                                       critic=self.critic)

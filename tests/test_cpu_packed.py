@@ -240,3 +240,47 @@ def test_explicit_bf16_sampler_with_default_prepack_runs_on_any_cpu():
     assert (len(sampler._packed) == 1) == cpu_packed.available()
     out = sampler.sample(torch.randn(3, O))
     assert torch.isfinite(out.observations).all() and torch.isfinite(out.actions).all()
+
+
+@needs_onednn_fp32
+@pytest.mark.skipif(not cpu_layer_norm.available(), reason="polygrad_fast._cpu_ops not built")
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fp32_cpu_copies_match_the_users_modules(compile):
+    """An fp32 CPU sampler runs its own copies: the denoiser's large Linears prepacked (and, eager, its LayerNorm +
+    ReLU fused), the policy's LayerNorm + ELU fused; on the same noise the trajectories equal those of the sampler
+    that runs the user's modules as given (cpu_prepack and cpu_fuse_norm_act off) up to fp32 reduction order
+    (measured <= a few 1e-6; a stale weight or a dropped bias is off by O(0.1)), the user's modules stay plain, and
+    a weight update reaches the copies at the next call (sync_weights)."""
+    denoiser, policy = _models()
+    kw = dict(denoiser_dtype="float32", backend="torch", compile=compile)
+    fast = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), **kw)
+    plain = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), cpu_prepack=False,
+                              cpu_fuse_norm_act=False, **kw)
+    count = lambda m, cls: sum(isinstance(x, cls) for x in m.modules())  # noqa: E731
+    assert plain._denoiser_fast is denoiser and plain._policy_copy is None
+    assert count(fast._denoiser_fast, cpu_packed.PackedLinear) == 2  # the two 256x256 trunk Linears
+    assert count(fast._denoiser_fast, cpu_layer_norm.FusedLayerNormAct) == (0 if compile else 3)
+    assert count(fast._policy_copy, cpu_layer_norm.FusedLayerNormAct) == 2
+    assert count(denoiser, cpu_packed.PackedLinear) == 0 and count(policy, cpu_layer_norm.FusedLayerNormAct) == 0
+    start = torch.randn(6, O, generator=torch.Generator().manual_seed(3))
+    noise = SamplerNoise.draw(5, 6, H, O + 2, A, generator=torch.Generator().manual_seed(1))
+
+    def check():
+        a, b = fast.sample(start, noise=noise), plain.sample(start, noise=noise)
+        for name in ("observations", "actions", "rewards"):
+            torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=5e-5, rtol=1e-4)
+
+    check()
+    with torch.no_grad():  # an optimizer step on the live modules
+        for p in (*denoiser.parameters(), *policy.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    check()
+
+
+def test_fp32_copy_that_changes_nothing_is_dropped(monkeypatch):
+    """With nothing to pack (prepack 'never') and nothing to fuse, the fp32 sampler runs the user's modules."""
+    monkeypatch.setenv(cpu_packed.PREPACK_ENV_VAR, "never")
+    denoiser, policy = _models()
+    s = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), denoiser_dtype="float32",
+                          backend="torch", cpu_fuse_norm_act=False)
+    assert s._denoiser_fast is denoiser and s._policy_copy is None
