@@ -15,7 +15,8 @@ from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
 from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor
 from polygrad_fast.noise import SamplerNoise
-from polygrad_fast.backend import ExecutionOptions, cpu_has_fast_bf16, resolve_dtype
+from polygrad_fast.backend import (CPU_DTYPE_ENV_VAR, ExecutionOptions, cpu_has_fast_bf16, measured_cpu_dtype,
+                                   resolve_dtype)
 from polygrad_fast.sampler import FastGuidedSampler, SamplerConfig
 from polygrad_fast.schedule import NoiseSchedule
 
@@ -215,10 +216,14 @@ def test_low_precision_copy_path_runs_and_tracks_weight_updates():
                                atol=2e-2, rtol=1e-2)
 
 
-def test_dtype_resolution():
+def test_dtype_resolution(monkeypatch):
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
-    fast_bf16 = cpu_has_fast_bf16()
-    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if fast_bf16 else torch.float32)
+    # 'auto' on CPU is what was measured on this CPU (POLYGRAD_FAST_CPU_DTYPE unset), never bf16 without fast bf16
+    monkeypatch.delenv(CPU_DTYPE_ENV_VAR, raising=False)
+    auto = resolve_dtype("auto", torch.device("cpu"))
+    assert auto == measured_cpu_dtype() and (auto == torch.float32 or cpu_has_fast_bf16())
+    monkeypatch.setenv(CPU_DTYPE_ENV_VAR, "bfloat16")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     # a foreign (non-polygrad_fast) denoiser cannot get a bf16 copy: 'auto' keeps it fp32, explicit bf16 raises
     assert FastGuidedSampler(*make_setup()).denoiser_dtype == torch.float32
     with pytest.raises(TypeError, match="low_precision_copy"):
