@@ -10,11 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..step_ops import GUIDANCE_TYPES
+from ..step_ops import GUIDANCE_STEP_CAP, GUIDANCE_TYPES
 from ._common import (ACTION_STREAM, SIGMA_COL, check_noise_source, check_same_device, device_scalar,
                       row_block, rows_per_program, standard_normal)
 
 _GRAD, _NONE = (tl.constexpr(GUIDANCE_TYPES.index(g)) for g in ("grad", "none"))
+_STEP_CAP = tl.constexpr(GUIDANCE_STEP_CAP)
 
 
 @triton.jit
@@ -46,8 +47,8 @@ def _guided_action_update_kernel(
         if GUIDANCE == _GRAD:
             w = tl.load(w_ptr).to(tl.float32)
             sigma = tl.load(coef_ptr + SIGMA_COL).to(tl.float32)
-            # the step's coefficient w / std^2 capped at 1 (step_ops.GUIDANCE_STEP_CAP: never past the mean)
-            gain = tl.minimum(tl.math.div_rn(w, ps * ps), 1.0)
+            # the step's coefficient w / std^2 capped (never past the policy mean)
+            gain = tl.minimum(tl.math.div_rn(w, ps * ps), _STEP_CAP)
             guided = clipped + gain * (pm - clipped)
             moved = tl.math.div_rn(guided - am, asc) + (noise_scale * sigma) * z
         else:
