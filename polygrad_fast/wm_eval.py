@@ -1,6 +1,6 @@
 """World-model error comparison: PolyGRAD against autoregressive baselines on the same data, policy and evaluation.
 
-    polygrad-fast eval-wm --preset cpu --outdir DIR                  # minutes on a 2-core CPU (alias: wm-eval)
+    polygrad-fast eval-wm --preset cpu --outdir DIR                  # ~22 min on a 2-core CPU (alias: wm-eval)
     polygrad-fast eval-wm --preset cpu --outdir DIR --sampling_steps 8 16       # + few-step PolyGRAD chains
     polygrad-fast eval-wm --preset paper --outdir DIR --dataset data.pgbuf \
         --policy_checkpoint runs/.../checkpoints/step_000100000.pt --device cuda
@@ -67,7 +67,7 @@ LONG_HORIZON = 10  # the paper widens the PolyGRAD denoiser beyond h = 10
 
 @dataclass(frozen=True)
 class WMEvalConfig:
-    """The whole comparison; presets ``cpu`` (minutes on a 2-core CPU) and ``paper`` (the paper's sizes)."""
+    """The whole comparison; presets ``cpu`` (about 22 minutes on a 2-core CPU) and ``paper`` (the paper's sizes)."""
 
     env: EnvName = "Hopper-v5"
     """MuJoCo task (gymnasium id); a loaded dataset and policy must be of this task."""
