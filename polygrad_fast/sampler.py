@@ -246,8 +246,8 @@ class FastGuidedSampler:
             else _inference_copy(self.denoiser) if (fp32_cpu and isinstance(self.denoiser, Denoiser)
                                                     and (ex.cpu_prepack or (fuse and not compiled)))
             else self.denoiser)
-        self._policy_copy = (_inference_copy(self.policy).to(self.policy_dtype)
-                             if self.policy_dtype != torch.float32 or fuse else None)
+        self._policy_copy = (_inference_copy(self.policy).to(self.policy_dtype) if isinstance(self.policy, nn.Module)
+                             and (self.policy_dtype != torch.float32 or fuse) else None)
         denoiser_copy = self._denoiser_fast is not self.denoiser
         self._packed = []  # copies whose Linears run prepacked (cpu_packed)
         # The denoiser copy only: packing the policy's 256x256 Linear too (B·H rows) made sample() 2-3% slower at

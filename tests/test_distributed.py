@@ -156,9 +156,11 @@ def test_two_rank_denoiser_update_equals_single_process_whole_batch(tmp_path):
     assert r0["losses"] == r1["losses"]
     assert r0["losses"] == pytest.approx(r0["single_losses"], rel=1e-6, abs=0)
     # float32: the averaged half-batch gradients differ from the whole batch's only in summation order (~1e-7
-    # relative), 3 Adam steps of lr 1e-3 move the weights by ~3e-3; 1e-6 is 0.03% of that
+    # relative; how much depends on the CPU's GEMM blocking for each row count); 3 Adam steps of lr 1e-3 move the
+    # weights by ~3e-3. Measured largest weight difference: 6e-8 on AVX2 Zen 3, 4.1e-6 on AMX Sapphire Rapids;
+    # 2e-5 (0.7% of the step) is above both and far below a half-batch update's (asserted > 1e-4, ~6e-3)
     assert r0["max_step"] > 1e-3
-    assert r0["max_diff"] < 1e-6 and r0["max_diff_ema"] < 1e-6
+    assert r0["max_diff"] < 2e-5 and r0["max_diff_ema"] < 2e-5
     assert r0["max_diff_half"] > 1e-4  # one half alone is a different update: the check above can fail
     # identical replicas pass the check; a 1e-6 change on rank 1 is caught on both ranks
     for r in (r0, r1):
