@@ -148,9 +148,10 @@ DDP_WORKER = """
 """
 
 
-# slow, not in the default run: on the 2-core AMX VM both ranks of this worker were killed by SIGABRT
-# ("terminate called without an active exception") in 3 of 8 runs, after the same script passed on AVX2 Zen 3 at
-# every run; not yet diagnosed (suspect: gloo threads at process-group teardown), see docs/distributed.md
+# slow, not in the default run: on the 2-core AMX VM 3 of 9 runs failed, one of them seen as both ranks killed by
+# SIGABRT ("terminate called without an active exception"; the other two were not inspected), while the same
+# script passed at every run on AVX2 Zen 3; not yet diagnosed (suspect: gloo threads at process-group teardown),
+# see docs/distributed.md
 @pytest.mark.slow
 def test_two_rank_denoiser_update_equals_single_process_whole_batch(tmp_path):
     rc, log, _ = _torchrun([_script(tmp_path, "ddp_worker.py", DDP_WORKER), str(tmp_path)], tmp_path)
