@@ -269,8 +269,9 @@ class FastGuidedSampler:
             self._denoiser_fast = self.denoiser
         if self.policy_dtype == torch.float32 and not fused_policy:
             self._policy_copy = None
-        self._policy_fast = (_PolicyCall(self.policy) if self._policy_copy is None
-                             else _PolicyCall(self._policy_copy, self.policy_dtype))
+        # an fp32 copy takes the fp32 states as they are (no per-step cast)
+        self._policy_fast = (_PolicyCall(self.policy) if self._policy_copy is None else _PolicyCall(
+            self._policy_copy, None if self.policy_dtype == torch.float32 else self.policy_dtype))
         self.guided_step = GuidedStep(self._denoiser_fast, self._policy_fast, self.normalizer, cfg,
                                       triton_ops() if self.backend == "triton" else TORCH_OPS, grad_policy=self.policy,
                                       critic=self.critic)
