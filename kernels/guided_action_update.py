@@ -10,8 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ..schedule import STEP_TABLE_COLUMNS
 from ..step_ops import GUIDANCE_STEP_CAP, GUIDANCE_TYPES
-from ._common import (ACTION_STREAM, SIGMA_COL, check_noise_source, check_same_device, device_scalar,
+from ._common import (ACTION_STREAM, SIGMA_COL, TRAINED_STEPS_COL, check_noise_source, check_same_device, device_scalar,
                       row_block, rows_per_program, standard_normal)
 
 _GRAD, _NONE = (tl.constexpr(GUIDANCE_TYPES.index(g)) for g in ("grad", "none"))
@@ -47,9 +48,12 @@ def _guided_action_update_kernel(
         if GUIDANCE == _GRAD:
             w = tl.load(w_ptr).to(tl.float32)
             sigma = tl.load(coef_ptr + SIGMA_COL).to(tl.float32)
-            # the step's coefficient w / std^2 capped (never past the policy mean)
+            # the step's coefficient w / std^2 capped (never past the policy mean), compounded over the n trained
+            # steps the row spans: 1 - (1 - gain)^n (the floor keeps log2 finite where gain = 1; pull rounds to 1)
             gain = tl.minimum(tl.math.div_rn(w, ps * ps), _STEP_CAP)
-            guided = clipped + gain * (pm - clipped)
+            n = tl.load(coef_ptr + TRAINED_STEPS_COL).to(tl.float32)
+            pull = 1.0 - tl.exp2(n * tl.log2(tl.maximum(1.0 - gain, 1e-30)))
+            guided = clipped + pull * (pm - clipped)
             moved = tl.math.div_rn(guided - am, asc) + (noise_scale * sigma) * z
         else:
             moved = tl.math.div_rn(pm + ps * z - am, asc)
@@ -75,8 +79,8 @@ def _launch_args(actions, policy_mean, policy_std, act_mean, act_scale, coef, gu
     B, H, A = actions.shape
     if act_mean.shape != (A,) or act_scale.shape != (A,):
         raise ValueError(f"act_mean/act_scale must be [{A}], got {tuple(act_mean.shape)}, {tuple(act_scale.shape)}")
-    if coef.shape != (4,):
-        raise ValueError(f"coef must be one step-table row [4], got {tuple(coef.shape)}")
+    if coef.shape != (len(STEP_TABLE_COLUMNS),):
+        raise ValueError(f"coef must be one step-table row [{len(STEP_TABLE_COLUMNS)}], got {tuple(coef.shape)}")
     check_noise_source(noise, seed, step, actions.shape)
     moves = not last and guidance_type != "none"  # the update reads noise
     if moves and noise is None and seed is None:
@@ -125,7 +129,7 @@ def action_update_at(
 ) -> torch.Tensor:
     """Fused ``polygrad_fast.step_ops.action_update_at``: the new normalised actions [B,H,A] (actions' dtype).
 
-    coef = step_table[t] [4], last = (t == 0); policy_mean/std broadcast to [B,H,A]; guidance_scale may be a
+    coef = step_table[t] [5], last = (t == 0); policy_mean/std broadcast to [B,H,A]; guidance_scale may be a
     one-element device tensor (read in the kernel, so a tuned scale needs no host sync). The noise is ``noise``
     [B,H,A] or, with ``seed`` (int or one-element int64 device tensor), drawn in the kernel from (seed, step,
     element).

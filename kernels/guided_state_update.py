@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..schedule import STEP_TABLE_COLUMNS
 from ..step_ops import STATES_FOR_GUIDANCE
 from ._common import (COEF1_COL, COEF2_COL, SIGMA_COL, STATE_STREAM, check_noise_source, check_same_device,
                       device_scalar, row_block, rows_per_program, standard_normal)
@@ -67,8 +68,8 @@ def _launch_args(x, x0_pred, start_obs, coef, obs_mean, obs_scale, clip_state_ch
         raise ValueError(f"start_obs must be [B,O] with O <= D and obs stats [O]; got x {tuple(x.shape)}, "
                          f"start_obs {tuple(start_obs.shape)}, obs_mean {tuple(obs_mean.shape)}, "
                          f"obs_scale {tuple(obs_scale.shape)}")
-    if coef.shape != (4,):
-        raise ValueError(f"coef must be one step-table row [4], got {tuple(coef.shape)}")
+    if coef.shape != (len(STEP_TABLE_COLUMNS),):
+        raise ValueError(f"coef must be one step-table row [{len(STEP_TABLE_COLUMNS)}], got {tuple(coef.shape)}")
     check_noise_source(noise, seed, step, x.shape)
     device = check_same_device(x=x, x0_pred=x0_pred, start_obs=start_obs, coef=coef, obs_mean=obs_mean,
                                obs_scale=obs_scale, **({} if noise is None else {"noise": noise}))
@@ -110,7 +111,7 @@ def state_update_at(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused ``polygrad_fast.step_ops.state_update_at``: (x_next [B,H,D], mean [B,H,D], guide [B,H,O]), x's dtype.
 
-    coef = step_table[t] [4]; clip_state_change None disables the clamp; the noise is ``noise`` [B,H,D], or with
+    coef = step_table[t] [5]; clip_state_change None disables the clamp; the noise is ``noise`` [B,H,D], or with
     ``seed`` (int or one-element int64 device tensor) drawn in the kernel from (seed, step, element), or absent
     when both are None (the last step).
     """

@@ -66,7 +66,7 @@ class GuidedLoop:
 
     ``run()`` executes the K steps eagerly (what the graph captures; on CPU it runs under the Triton interpreter,
     which is how the body is tested without a GPU): one ``step`` call per chain step i, its noise drawn inside the
-    kernels, so ``step.ops`` must be the fused kernels' (``guided_step.triton_ops()``). step_table [K, 4] on the
+    kernels, so ``step.ops`` must be the fused kernels' (``guided_step.triton_ops()``). step_table [K, 5] on the
     device; timesteps: the chain's trained timesteps [K] (``NoiseSchedule.respaced``), None for all K = T.
     Inputs: ``start`` [B,O] normalised, ``seed`` [] int64, ``guidance_scale`` [] fp32. ``run`` returns
     (x [B,H,D], actions [B,H,A], posterior mean - x at t = 0 [B,H,D], the policy's smallest std []).
@@ -80,7 +80,7 @@ class GuidedLoop:
         self.timesteps = torch.arange(T, device=dev) if timesteps is None else timesteps.to(dev)
         if self.timesteps.shape != (T,):
             raise ValueError(f"timesteps: expected [{T}] (one per step-table row), got {list(self.timesteps.shape)}")
-        self._trained_t = self.timesteps.tolist()
+        self._clamps = step.clip_state_changes(self.timesteps, step_table)
         self.start = torch.zeros(batch, O, device=dev)
         self.seed = torch.zeros((), dtype=torch.int64, device=dev)
         self.guidance_scale = torch.zeros((), device=dev)
@@ -102,7 +102,7 @@ class GuidedLoop:
         for i in reversed(range(T)):
             last = i == 0
             x, a, change, std_min = step(x, a, step_inputs[i], self.start, self.step_table[i], self.guidance_scale,
-                                         step.clip_state_change_at(self._trained_t[i]), None, None, last, std_min,
+                                         self._clamps[i], None, None, last, std_min,
                                          seed=None if last else self.seed, step=i)  # the last step: no noise
         return x, a, change, std_min
 

@@ -21,7 +21,7 @@ from .denoisers import Denoiser
 from .normalizer import Normalizer
 from .policy import policy_distribution
 from .state_guidance import advantage_log_weight_grad
-from .step_ops import CLIP_STATE_CHANGE_MAX_T, COEF1, COEF2, SIGMA, SQRT_ABAR, action_update_at, impose_start_obs, \
+from .step_ops import CLIP_STATE_CHANGE_MAX_T, COEF1, COEF2, SIGMA, SQRT_ABAR, TRAINED_STEPS, action_update_at, impose_start_obs, \
     state_update_at
 
 
@@ -96,18 +96,27 @@ class GuidedStep:
             return list(self.denoiser.time_embedding(steps)[:, None].unbind(0))
         return list(steps[:, None].expand(len(steps), batch).contiguous().unbind(0))
 
-    def clip_state_change_at(self, t: int) -> float | None:
-        """The state-change clamp at trained timestep t: the config's value for t <= 10, else None.
+    def clip_state_changes(self, timesteps: torch.Tensor, step_table: torch.Tensor) -> list[float | None]:
+        """The state-change clamp of each chain step i (list index i): the config's value times the number of
+        trained steps t <= 10 among the ones step i spans (t_i - n_i + 1 .. t_i, n_i = its "trained_steps"
+        column), None where there are none. timesteps [K] the chain's trained timesteps; step_table [K, 5].
 
-        A respaced chain passes the TRAINED timestep of its step, not the step's index: the clamp guards the
-        low-noise end of the schedule (small sigma_t, where one denoiser error would jump a state), which is a
-        property of abar_t; with K < T steps it then applies at the kept steps with t <= 10 (2 of 16 at T = 128).
+        The clamp guards the low-noise end of the schedule (small sigma_t, where one denoiser error would jump a
+        state), a property of abar_t, so it follows the trained timesteps: on the trained chain it applies at
+        t <= 10 with the config's value; a respaced step spanning k of those trained steps may move as far as
+        they could together, k times the value (K = 16 of T = 128: 2.0 at t = 8, 0.5 at t = 17, 0.25 at t = 0).
         """
-        return self.config.clip_state_change if t <= CLIP_STATE_CHANGE_MAX_T else None
+        c = self.config.clip_state_change
+        spans = step_table[:, TRAINED_STEPS].tolist()
+        clamps = []
+        for t, n in zip(timesteps.tolist(), spans):
+            k = min(t, CLIP_STATE_CHANGE_MAX_T) - (t - int(n))
+            clamps.append(None if c is None or k <= 0 else c * k)
+        return clamps
 
     def __call__(self, x, a, step_input, start, coef, g, clip_state_change, state_noise, action_noise, last: bool,
                  std_min, seed=None, step: int | None = None):
-        """x [B,H,D], a [B,H,A] at step t; start [B,O] normalised; coef = step_table[t] [4]; g the guidance scale
+        """x [B,H,D], a [B,H,A] at step t; start [B,O] normalised; coef = step_table[t] [5]; g the guidance scale
         (0-dim tensor); clip_state_change ``clip_state_change_at(t)``; state/action noise [B,H,D]/[B,H,A] (state
         None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise; last = (t == 0);
         std_min: 0-dim fp32 tensor, the running minimum of the policy's std (NaN propagates), checked by the caller

@@ -215,7 +215,6 @@ class FastGuidedSampler:
         # the chain: K trained timesteps t_i and the step table [K, 4] of the respaced posterior (K = T: unchanged)
         self.n_chain_steps = cfg.sampling_steps or schedule.n_steps
         self.timesteps, self.step_table = schedule.respaced(self.n_chain_steps, device=self.device)
-        self._trained_t = self.timesteps.tolist()
         if self.backend != "reference":
             self._setup_fast()
 
@@ -276,6 +275,7 @@ class FastGuidedSampler:
                                       triton_ops() if self.backend == "triton" else TORCH_OPS, grad_policy=self.policy,
                                       critic=self.critic)
         self._step = self.guided_step
+        self._clamps = self.guided_step.clip_state_changes(self.timesteps, self.step_table)
         if compiled:
             # One graph for the whole step (denoiser, state op, policy, action op): t enters as tensors and Python
             # switches, so the T steps share 3 graphs (clip off, clip on, last) instead of one per t (measured
@@ -284,7 +284,7 @@ class FastGuidedSampler:
             # set adds its 3 graphs, so dynamo's default limit of 8 would send a third differently configured
             # sampler to eager mode.
             self._step = torch.compile(self.guided_step.__call__, recompile_limit=RECOMPILE_LIMIT)
-        self._rows = list(self.step_table.unbind(0))  # coef rows [4], views made once
+        self._rows = list(self.step_table.unbind(0))  # coef rows [5], views made once
         self._buffers: dict | None = None
         # backend 'triton': calls without explicit noise replay the whole loop as a CUDA graph
         self._graph_runner = None
@@ -423,7 +423,7 @@ class FastGuidedSampler:
             change, std_min = None, torch.full((), math.inf, device=self.device)
             for i in reversed(range(self.n_chain_steps)):  # rebinding, not copying back: 2 fewer passes per step
                 x, a, change, std_min = self._step(x, a, step_inputs[i], start, self._rows[i], g,
-                                                   step.clip_state_change_at(self._trained_t[i]),
+                                                   self._clamps[i],
                                                    None if i == 0 else noise.state[i], noise.action[i], i == 0,
                                                    std_min)
             # a step may return its input (an identity action update): never hand out the reused buffers

@@ -17,8 +17,11 @@ import torch
 Precision = Literal["float64", "float32"]
 PRECISIONS: tuple[str, ...] = ("float64", "float32")
 
-# Order of the columns of ``NoiseSchedule.step_table``: the per-t coefficients a fused reverse step reads.
-STEP_TABLE_COLUMNS = ("sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std")
+# Order of the columns of ``NoiseSchedule.step_table``: the per-t coefficients a fused reverse step reads. The
+# last, "trained_steps", is the number of trained steps a chain step spans: 1 on the trained chain, the stride of
+# a respaced one (what the guidance step compounds over, see ``step_ops.action_update_at``).
+STEP_TABLE_COLUMNS = ("sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std",
+                      "trained_steps")
 
 _TABLE_NAMES = (
     "betas",
@@ -132,20 +135,20 @@ class NoiseSchedule:
         return self.tables[name].to(device=device, dtype=dtype)
 
     def step_table(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[T, 4] contiguous table with the columns ``STEP_TABLE_COLUMNS``: what one reverse step reads by t."""
-        cols = [self.tables[name] for name in STEP_TABLE_COLUMNS]
-        return torch.stack(cols, dim=1).to(device=device, dtype=dtype).contiguous()
+        """[T, 5] contiguous table with the columns ``STEP_TABLE_COLUMNS``: what one reverse step reads by t."""
+        return _step_table(self.tables, torch.ones(self.n_steps, dtype=torch.float64), device, dtype)
 
     def respaced(self, n_sampling_steps: int, device=None,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept trained timesteps [K] int64, step table [K, 4]) of the K-step respaced reverse chain.
+        """(kept trained timesteps [K] int64, step table [K, 5]) of the K-step respaced reverse chain.
 
         The kept steps are ``strided_timesteps(T, K)`` (0 and T-1 always among them). Respacing as improved
         DDPM (Nichol & Dhariwal 2021): with kept steps S_0 < ... < S_{K-1}, the chain's betas are recomputed from
         the trained abar, beta'_i = 1 - abar_{S_i} / abar_{S_{i-1}} (abar_{S_{-1}} = 1), so abar'_i = abar_{S_i}
         and row i holds sqrt(abar_{S_i}) and the posterior q(x_{S_{i-1}} | x_{S_i}, x0) of that longer step
-        (every table derived from beta' as for the trained schedule, in the schedule's ``precision``). Row i is
-        the chain's step i; the denoiser must still be given the trained timestep S_i. K = T returns
+        (every table derived from beta' as for the trained schedule, in the schedule's ``precision``) and the
+        number of trained steps it spans, S_i - S_{i-1} (1 for i = 0). Row i is the chain's step i; the denoiser
+        must still be given the trained timestep S_i. K = T returns
         ``(arange(T), step_table())`` exactly (the identity respacing, without the rounding of recomputing it).
         """
         kept = torch.tensor(strided_timesteps(self.n_steps, n_sampling_steps), dtype=torch.int64)
@@ -154,9 +157,15 @@ class NoiseSchedule:
         arith = torch.float64 if self.precision == "float64" else torch.float32
         abar = self.tables["alphas_cumprod"][kept].to(arith)
         betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=arith), abar[:-1]])
-        tables = _derived_tables(betas)
-        table = torch.stack([tables[name].to(torch.float64) for name in STEP_TABLE_COLUMNS], dim=1)
-        return kept.to(device), table.to(device=device, dtype=dtype).contiguous()
+        spans = torch.diff(kept, prepend=torch.tensor([-1])).to(torch.float64)
+        return kept.to(device), _step_table(_derived_tables(betas), spans, device, dtype)
+
+
+def _step_table(tables: dict[str, torch.Tensor], trained_steps: torch.Tensor, device, dtype) -> torch.Tensor:
+    """The step table [K, 5] (``STEP_TABLE_COLUMNS``) from a schedule's tables [K] and the trained steps each row
+    spans [K]."""
+    cols = [tables[name].to(torch.float64) for name in STEP_TABLE_COLUMNS[:-1]] + [trained_steps]
+    return torch.stack(cols, dim=1).to(device=device, dtype=dtype).contiguous()
 
 
 def strided_timesteps(n_steps: int, n_sampling_steps: int) -> list[int]:

@@ -5,7 +5,7 @@ What the fast torch path runs (eager or under ``torch.compile``) and what the fu
 ``polygrad_fast.reference``.
 
 Shapes: B batch, H horizon, D = O + 2 (normalised obs, reward, terminal), O obs dim, A action dim. A step t is
-resolved by the caller into coef = ``NoiseSchedule.step_table()[t]`` [4] (columns ``STEP_TABLE_COLUMNS``, read
+resolved by the caller into coef = ``NoiseSchedule.step_table()[t]`` [5] (columns ``STEP_TABLE_COLUMNS``, read
 through the indices below), the clip switch (``CLIP_STATE_CHANGE_MAX_T``), ``noise=None`` at t = 0 and ``last``:
 the ops branch only on Python values, so ``torch.compile`` traces one graph per branch instead of one per t.
 """
@@ -27,9 +27,10 @@ STATES_FOR_GUIDANCE: tuple[str, ...] = typing.get_args(StatesForGuidance)
 # small and a denoiser error would otherwise jump the state.
 CLIP_STATE_CHANGE_MAX_T = 10
 
-# Column indices of a step-table row: sqrt(abar_t), the two posterior-mean coefficients, the posterior std.
-SQRT_ABAR, COEF1, COEF2, SIGMA = (STEP_TABLE_COLUMNS.index(c) for c in (
-    "sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std"))
+# Column indices of a step-table row: sqrt(abar_t), the two posterior-mean coefficients, the posterior std, the
+# number of trained steps the row spans.
+SQRT_ABAR, COEF1, COEF2, SIGMA, TRAINED_STEPS = (STEP_TABLE_COLUMNS.index(c) for c in (
+    "sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std", "trained_steps"))
 
 
 def impose_start_obs(x: torch.Tensor, start_obs: torch.Tensor) -> torch.Tensor:
@@ -95,9 +96,10 @@ def action_update_at(
     actions, noise: [B,H,A] normalised; policy_mean, policy_std: [B,H,A] (or broadcastable) in RAW action units;
     act_mean, act_scale: [A]. Returns the new normalised actions [B,H,A]:
       last (t = 0, any type): clamp raw actions to mean +- clip_std*std only (the last step is never guided);
-      'grad':   clamp, then a += min(w / std^2, 1) (mean - a), i.e. the step w * d/da log N(a; mean, std) =
-                w (mean - a) / std^2 capped where it would pass the policy mean; normalise, add
-                action_noise_scale * sigma_t * noise;
+      'grad':   clamp, then a += (1 - (1 - min(w / std^2, 1))^n) (mean - a) with n = coef[TRAINED_STEPS]: the
+                step w * d/da log N(a; mean, std) = w (mean - a) / std^2, capped where it would pass the policy
+                mean, taken n times (a respaced step spanning n trained steps pulls as far as they did; n = 1 on
+                the trained chain); normalise, add action_noise_scale * sigma_t * noise;
       'sample': the policy's sample mean + std * noise, normalised (no clamp, no extra noise);
       'none':   actions unchanged.
     """
@@ -107,8 +109,10 @@ def action_update_at(
             a = torch.minimum(torch.maximum(a, policy_mean - clip_std * policy_std), policy_mean + clip_std * policy_std)
         if last:
             return (a - act_mean) / act_scale
-        # the step w (mean - a) / std^2 is capped at the policy mean (GUIDANCE_STEP_CAP): see docs/algorithm.md
-        a = a + torch.clamp(guidance_scale / policy_std**2, max=GUIDANCE_STEP_CAP) * (policy_mean - a)
+        # the step w (mean - a) / std^2 is capped at the policy mean (GUIDANCE_STEP_CAP), compounded over the
+        # trained steps the row spans: see docs/algorithm.md
+        pull = 1 - (1 - torch.clamp(guidance_scale / policy_std**2, max=GUIDANCE_STEP_CAP)) ** coef[TRAINED_STEPS]
+        a = a + pull * (policy_mean - a)
         return (a - act_mean) / act_scale + action_noise_scale * coef[SIGMA] * noise
     if guidance_type == "sample":
         return (policy_mean + policy_std * noise - act_mean) / act_scale

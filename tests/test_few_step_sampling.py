@@ -58,7 +58,8 @@ def test_respaced_posterior_is_the_ddpm_posterior_between_kept_steps(tau):
     kept, table = schedule.respaced(16, dtype=torch.float64)
     abar = schedule.alphas_cumprod[kept]
     abar_s = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    sqrt_abar, c1, c2, sigma = table.unbind(1)
+    sqrt_abar, c1, c2, sigma, spans = table.unbind(1)
+    assert spans.tolist() == torch.diff(kept, prepend=torch.tensor([-1])).tolist()  # trained steps per row
     torch.testing.assert_close(sqrt_abar, abar.sqrt(), atol=0, rtol=1e-12)
     torch.testing.assert_close(c1 + c2 * abar.sqrt(), abar_s.sqrt(), atol=0, rtol=1e-12)
     var = torch.where(kept > 0, sigma**2, torch.zeros_like(sigma))  # sigma_0 is the clipped 1e-10, var_0 = 0
@@ -128,9 +129,10 @@ def test_fast_matches_reference_with_time_embedding_denoiser_odd_dims():
     assert_batches_close(fast, ref_batch)
 
 
-def test_state_clamp_is_decided_by_the_trained_timestep():
-    """T = 40, K = 4 keeps t = 0, 13, 26, 39: only the last step is clamped (an index-based rule would clamp all
-    four). The fast path agrees with the reference, whose rule is t <= 10 on the trained t, and the clamp binds."""
+def test_state_clamp_follows_the_trained_timesteps_a_step_spans():
+    """T = 40, K = 4 keeps t = 0, 13, 26, 39: the step at t = 13 spans trained steps 1..13, ten of them t <= 10,
+    so it may change a state by 10 clamps' worth; t = 0 spans itself (one clamp); 26 and 39 none (an index-based
+    rule would clamp all four). The fast path agrees with the reference, which counts the spanned steps itself."""
     setup = setup_with(n_steps=40)
     fast, ref_batch = run_both(setup, batch=6, guidance_scale=0.1, sampling_steps=4, clip_state_change=0.05)
     assert_batches_close(fast, ref_batch)
@@ -139,7 +141,10 @@ def test_state_clamp_is_decided_by_the_trained_timestep():
     assert free.metrics["max_change"] > 0.1  # the clamp changed the last step
     sampler = FastGuidedSampler(*setup, sampling_steps=4, clip_state_change=0.05)
     assert sampler.timesteps.tolist() == [0, 13, 26, 39]
-    assert [sampler.guided_step.clip_state_change_at(t) for t in sampler._trained_t] == [0.05, None, None, None]
+    step = sampler.guided_step
+    assert step.clip_state_changes(sampler.timesteps, sampler.step_table) == pytest.approx([0.05, 0.5, None, None])
+    full = FastGuidedSampler(*setup, clip_state_change=0.05)  # the trained chain: the paper's t <= 10 rule
+    assert full.guided_step.clip_state_changes(full.timesteps, full.step_table) == [0.05] * 11 + [None] * 29
 
 
 def test_denoiser_gets_the_trained_timesteps():

@@ -86,6 +86,23 @@ def test_action_update_matches_autograd_step(t, guidance_type, clip_std):
         assert ((raw >= lo - 1e-5) & (raw <= hi + 1e-5)).all()
 
 
+@pytest.mark.parametrize("n", [2, 9])
+@pytest.mark.parametrize("w", [0.01, 0.3, 2.0])
+def test_action_update_of_a_respaced_row_takes_its_trained_steps(n, w):
+    """A row spanning n trained steps: the closed form 1 - (1 - min(w / std^2, 1))^n against the twin's n autograd
+    steps, from a weak pull to the cap (w = 2 passes the mean for every std here: both land on it)."""
+    norm, policy, x, _, _, _, a_noise = setup(3)
+    actions = torch.randn(B, H, A) * 2
+    table = NoiseSchedule(T).step_table()
+    table[:, -1] = n
+    act = norm["actions"]
+    with torch.no_grad():
+        mean, std = policy(norm.unnormalize(x[..., :O], "observations"))
+    got = action_update_at(actions, mean, std, act.mean, act.scale, table[5], w, 3.0, a_noise, 1.0, "grad", False)
+    want = guided_action_update(actions, mean, std, act.mean, act.scale, 5, table, w, 3.0, a_noise, 1.0, "grad")
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
 @pytest.mark.slow
 def test_compiled_row_ops_match_the_twins():
     """What the compiled fast path runs: the row-level ops under torch.compile, one graph per branch, against the

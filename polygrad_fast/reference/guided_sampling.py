@@ -52,13 +52,14 @@ def draw_noise(n_steps: int, batch: int, horizon: int, transition_dim: int, acti
 
 def respaced_chain(schedule: NoiseSchedule, sampling_steps: int | None,
                    device=None) -> tuple[list[int], torch.Tensor]:
-    """(trained timesteps t_i, i = 0..K-1, ascending; step table [K, 4] fp32) of the K-step chain.
+    """(trained timesteps t_i, i = 0..K-1, ascending; step table [K, 5] fp32) of the K-step chain.
 
     None (or K = T): all T steps and ``schedule.step_table()``. Otherwise t_i = round(i (T-1) / (K-1)) (halves up)
     and row i is the DDPM posterior q(x_s | x_t, x0) between t = t_i and the next kept step s = t_{i-1}, written
     from the trained abar (float64; abar_s = 1 for i = 0):
       mean = sqrt(abar_s) (1 - abar_t / abar_s) / (1 - abar_t) x0 + sqrt(abar_t / abar_s) (1 - abar_s) / (1 - abar_t) x_t,
-      var  = (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s),  std = exp(log(max(var, 1e-20)) / 2).
+      var  = (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s),  std = exp(log(max(var, 1e-20)) / 2),
+    and the trained steps it spans, t_i - t_{i-1} (1 for i = 0).
     """
     T = schedule.n_steps
     if sampling_steps is None or sampling_steps == T:
@@ -73,7 +74,8 @@ def respaced_chain(schedule: NoiseSchedule, sampling_steps: int | None,
         a_t, a_s = abar[t], (abar[kept[i - 1]] if i > 0 else 1.0)
         var = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
         rows.append([math.sqrt(a_t), math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t),
-                     math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t), math.exp(0.5 * math.log(max(var, 1e-20)))])
+                     math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t), math.exp(0.5 * math.log(max(var, 1e-20))),
+                     t - kept[i - 1] if i > 0 else 1])
     return kept, torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
 
 
@@ -114,10 +116,12 @@ def reference_action_step(
     noise: torch.Tensor | None,
     action_noise_scale: float = 1.0,
     guidance_type: str = "grad",
+    trained_steps: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Action half of the paper's step: the policy on the guide states, then ``step_ops.action_step``.
 
-    actions, noise [B,H,A] normalised; guide_states_raw [B,H,O]. Returns (new normalised actions [B,H,A],
+    actions, noise [B,H,A] normalised; guide_states_raw [B,H,O]; trained_steps: the trained steps the chain
+    step spans (its guidance step is taken that many times). Returns (new normalised actions [B,H,A],
     the guided raw actions before noise [B,H,A] for the state update of the ablation, or None).
     """
     if t == 0 and clip_std is None or t > 0 and guidance_type == "none":
@@ -129,7 +133,7 @@ def reference_action_step(
                          f"{list(guide_states_raw.shape)}; expected the actions' shape {list(actions.shape)}")
     act = normalizer["actions"]
     return action_step(actions, dist, act.mean, act.scale, t, sigma_t, guidance_scale, clip_std, noise,
-                       action_noise_scale, guidance_type)
+                       action_noise_scale, guidance_type, trained_steps)
 
 
 def advantage_guided_prediction(
@@ -206,7 +210,7 @@ def guided_step(
         states_for_guidance, row=row)
     new_actions, a_guided = reference_action_step(
         actions, guide_raw, policy, normalizer, t, extract(step_table, "posterior_std", row), guidance_scale,
-        clip_std, action_noise, action_noise_scale, guidance_type)
+        clip_std, action_noise, action_noise_scale, guidance_type, int(extract(step_table, "trained_steps", row)))
     if update_states and a_guided is not None:
         x_next, mean = update_guide_states(x, apply_conditioning(x_recon, start_obs), mean, a_guided, start_obs, row,
                                            step_table, policy, normalizer, guidance_scale, states_for_guidance,

@@ -6,8 +6,9 @@ Written the way the paper's code states them (coefficients extracted by name, ``
 
 Shapes: B batch, H horizon, D = O + 2 (normalised obs, reward, terminal), O obs dim, A action dim. ``t`` is the
 reverse-step index (python int, T-1 .. 0; t = 0 is the last step and adds no noise); ``step_table`` is
-``NoiseSchedule.step_table()`` [T, 4] with the columns ``STEP_TABLE_COLUMNS``, or a K-step chain's table [K, 4]
-read at ``row`` (the chain's step index) while ``t`` stays the trained timestep (``guided_sampling.respaced_chain``).
+``NoiseSchedule.step_table()`` [T, 5] with the columns ``STEP_TABLE_COLUMNS``, or a K-step chain's table [K, 5]
+read at ``row`` (the chain's step index) while ``t`` stays the trained timestep (``guided_sampling.respaced_chain``);
+its "trained_steps" column n is how many trained steps the row spans (t - n + 1 .. t; 1 on the trained chain).
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def guided_state_update(
     (x_{t-1} [B,H,D], posterior mean [B,H,D], guide states [B,H,O] raw):
       x_recon = apply_conditioning(x0_pred);
       mu = posterior_mean_coef1 * x_recon + posterior_mean_coef2 * x_t        (q_posterior);
-      for t <= 10: mu = x_t + clamp(mu - x_t, -clip_state_change, clip_state_change);
+      for t <= 10: mu = x_t + clamp(mu - x_t, -clip_state_change, clip_state_change); a row spanning n trained
+      steps clamps at k * clip_state_change, k = how many of t - n + 1 .. t are <= 10 (none: no clamp);
       x_{t-1} = apply_conditioning(mu + posterior_std_t * noise), without the noise at t = 0;
       guide = x_recon ('recon') or mu ('posterior_mean'), observation columns, unnormalised.
     """
@@ -62,8 +64,11 @@ def guided_state_update(
     x_recon = apply_conditioning(x0_pred, start_obs)
     mu = (extract(step_table, "posterior_mean_coef1", row) * x_recon
           + extract(step_table, "posterior_mean_coef2", row) * x)
-    if t <= 10 and clip_state_change is not None:
-        mu = x + torch.clamp(mu - x, -clip_state_change, clip_state_change)
+    spanned = int(extract(step_table, "trained_steps", row))
+    clamped_steps = sum(1 for s in range(t - spanned + 1, t + 1) if s <= 10)
+    if clamped_steps and clip_state_change is not None:
+        limit = clamped_steps * clip_state_change
+        mu = x + torch.clamp(mu - x, -limit, limit)
     x_prev = mu if t == 0 else mu + extract(step_table, "posterior_std", row) * noise
     guide = (x_recon if states_for_guidance == "recon" else mu)[..., :obs_dim]
     return apply_conditioning(x_prev, start_obs), mu, guide * obs_scale + obs_mean
@@ -81,6 +86,7 @@ def action_step(
     noise: torch.Tensor | None,
     action_noise_scale: float = 1.0,
     guidance_type: str = "grad",
+    trained_steps: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Action half of the paper's reverse step t given the policy's distribution over raw actions ``dist``.
 
@@ -88,7 +94,8 @@ def action_step(
     normalised actions [B,H,A], the guided raw actions before the noise [B,H,A], or None without a gradient step):
       t = 0: clamp a to dist.mean +- clip_std * dist.stddev, nothing else (no clip_std: unchanged);
       'grad': clamp, then a <- a + w * grad_a log pi(a|s) (autograd), stopped at the policy's mean where the
-              step would pass it, normalise, add action_noise_scale * sigma_t * noise;
+              step would pass it, taken ``trained_steps`` times (the trained steps a respaced row spans),
+              normalise, add action_noise_scale * sigma_t * noise;
       'sample': a = dist.mean + dist.stddev * noise, normalised;
       'none': unchanged.
     """
@@ -103,12 +110,13 @@ def action_step(
         a = torch.clamp(a, dist.mean - clip_std * dist.stddev, dist.mean + clip_std * dist.stddev)
     if t == 0:
         return (a - act_mean) / act_scale, None
-    a = a.detach().requires_grad_(True)
-    with torch.enable_grad():
-        dist.log_prob(a).sum().backward()
-    step = guidance_scale * a.grad
-    # a step longer than the distance to the policy's mean would pass it: it stops at the mean instead
-    a = torch.where(step.abs() > (dist.mean - a).abs(), dist.mean, a + step).detach()
+    for _ in range(trained_steps):
+        a = a.detach().requires_grad_(True)
+        with torch.enable_grad():
+            dist.log_prob(a).sum().backward()
+        step = guidance_scale * a.grad
+        # a step longer than the distance to the policy's mean would pass it: it stops at the mean instead
+        a = torch.where(step.abs() > (dist.mean - a).abs(), dist.mean, a + step).detach()
     return (a - act_mean) / act_scale + action_noise_scale * sigma_t * noise, a
 
 
@@ -130,7 +138,8 @@ def guided_action_update(
     the new normalised actions [B,H,A]."""
     dist = Normal(policy_mean.detach(), policy_std.detach())
     new, _ = action_step(actions, dist, act_mean, act_scale, t, extract(step_table, "posterior_std", t),
-                         guidance_scale, clip_std, noise, action_noise_scale, guidance_type)
+                         guidance_scale, clip_std, noise, action_noise_scale, guidance_type,
+                         int(extract(step_table, "trained_steps", t)))
     return new
 
 
