@@ -10,10 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..step_ops import COEF1, COEF2, SIGMA, TRAINED_STEPS
+from ..step_ops import COEF1, COEF2, SIGMA, SPANNED_STD, TRAINED_STEPS
 
 # Columns of a step-table row the kernels read (one definition: schedule.STEP_TABLE_COLUMNS via step_ops).
-COEF1_COL, COEF2_COL, SIGMA_COL, TRAINED_STEPS_COL = (tl.constexpr(c) for c in (COEF1, COEF2, SIGMA, TRAINED_STEPS))
+COEF1_COL, COEF2_COL, SIGMA_COL, TRAINED_STEPS_COL, SPANNED_STD_COL = (
+    tl.constexpr(c) for c in (COEF1, COEF2, SIGMA, TRAINED_STEPS, SPANNED_STD))
 
 # Philox streams: kernels A and B run at the same (seed, t) over overlapping element indices, so the state and
 # action noise must come from different counters.

@@ -12,11 +12,29 @@ import triton.language as tl
 
 from ..schedule import STEP_TABLE_COLUMNS
 from ..step_ops import GUIDANCE_STEP_CAP, GUIDANCE_TYPES
-from ._common import (ACTION_STREAM, SIGMA_COL, TRAINED_STEPS_COL, check_noise_source, check_same_device, device_scalar,
+from ._common import (ACTION_STREAM, SPANNED_STD_COL, TRAINED_STEPS_COL, check_noise_source, check_same_device, device_scalar,
                       row_block, rows_per_program, standard_normal)
 
 _GRAD, _NONE = (tl.constexpr(GUIDANCE_TYPES.index(g)) for g in ("grad", "none"))
 _STEP_CAP = tl.constexpr(GUIDANCE_STEP_CAP)
+
+
+@triton.jit
+def _log1p_neg(c):
+    """log(1 - c) for c in [0, 1], accurate for small c (Goldberg: log(u) c / (1 - u) with u = fl(1 - c)); u is
+    floored at 1e-30 so that c = 1 gives -69 (the pull then rounds to 1) instead of -inf."""
+    u = tl.maximum(1.0 - c, 1e-30)
+    exact = u == 1.0  # c below half an ulp of 1: log(1 - c) = -c to fp32 precision
+    return tl.where(exact, -c, tl.math.div_rn(tl.log(u) * c, tl.where(exact, 1.0, 1.0 - u)))
+
+
+@triton.jit
+def _expm1_nonpositive(y):
+    """exp(y) - 1 for y <= 0, accurate for small |y| (Kahan: (e - 1) y / log(e) with e = fl(exp(y)))."""
+    e = tl.exp(y)
+    near_one = (e >= 0.5) & (e < 1.0)  # where e - 1 loses digits; below 0.5 it is exact enough
+    log_e = tl.log(tl.where(near_one, e, 0.5))  # never log(1) = 0 as a divisor, never log(0)
+    return tl.where(e == 1.0, y, tl.where(near_one, tl.math.div_rn((e - 1.0) * y, log_e), e - 1.0))
 
 
 @triton.jit
@@ -47,14 +65,17 @@ def _guided_action_update_kernel(
             z = tl.load(noise_ptr + idx, mask=mask & guide_on).to(tl.float32)
         if GUIDANCE == _GRAD:
             w = tl.load(w_ptr).to(tl.float32)
-            sigma = tl.load(coef_ptr + SIGMA_COL).to(tl.float32)
+            spanned_std = tl.load(coef_ptr + SPANNED_STD_COL).to(tl.float32)
             # the step's coefficient w / std^2 capped (never past the policy mean), compounded over the n trained
-            # steps the row spans: 1 - (1 - gain)^n (the floor keeps log2 finite where gain = 1; pull rounds to 1)
+            # steps the row spans with their noise (step_ops.action_update_at)
             gain = tl.minimum(tl.math.div_rn(w, ps * ps), _STEP_CAP)
             n = tl.load(coef_ptr + TRAINED_STEPS_COL).to(tl.float32)
-            pull = 1.0 - tl.exp2(n * tl.log2(tl.maximum(1.0 - gain, 1e-30)))
+            pull = -_expm1_nonpositive(n * _log1p_neg(gain))
+            pulled = gain > 0
+            var_ratio = tl.where(pulled, tl.math.div_rn(pull * (2.0 - pull), tl.where(pulled, gain * (2.0 - gain), 1.0)),
+                                 n)
             guided = clipped + pull * (pm - clipped)
-            moved = tl.math.div_rn(guided - am, asc) + (noise_scale * sigma) * z
+            moved = tl.math.div_rn(guided - am, asc) + (noise_scale * spanned_std) * tl.sqrt_rn(var_ratio) * z
         else:
             moved = tl.math.div_rn(pm + ps * z - am, asc)
     else:
@@ -129,7 +150,7 @@ def action_update_at(
 ) -> torch.Tensor:
     """Fused ``polygrad_fast.step_ops.action_update_at``: the new normalised actions [B,H,A] (actions' dtype).
 
-    coef = step_table[t] [5], last = (t == 0); policy_mean/std broadcast to [B,H,A]; guidance_scale may be a
+    coef = step_table[t] [6], last = (t == 0); policy_mean/std broadcast to [B,H,A]; guidance_scale may be a
     one-element device tensor (read in the kernel, so a tuned scale needs no host sync). The noise is ``noise``
     [B,H,A] or, with ``seed`` (int or one-element int64 device tensor), drawn in the kernel from (seed, step,
     element).

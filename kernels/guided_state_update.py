@@ -111,7 +111,7 @@ def state_update_at(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused ``polygrad_fast.step_ops.state_update_at``: (x_next [B,H,D], mean [B,H,D], guide [B,H,O]), x's dtype.
 
-    coef = step_table[t] [5]; clip_state_change None disables the clamp; the noise is ``noise`` [B,H,D], or with
+    coef = step_table[t] [6]; clip_state_change None disables the clamp; the noise is ``noise`` [B,H,D], or with
     ``seed`` (int or one-element int64 device tensor) drawn in the kernel from (seed, step, element), or absent
     when both are None (the last step).
     """

@@ -66,7 +66,7 @@ class GuidedLoop:
 
     ``run()`` executes the K steps eagerly (what the graph captures; on CPU it runs under the Triton interpreter,
     which is how the body is tested without a GPU): one ``step`` call per chain step i, its noise drawn inside the
-    kernels, so ``step.ops`` must be the fused kernels' (``guided_step.triton_ops()``). step_table [K, 5] on the
+    kernels, so ``step.ops`` must be the fused kernels' (``guided_step.triton_ops()``). step_table [K, 6] on the
     device; timesteps: the chain's trained timesteps [K] (``NoiseSchedule.respaced``), None for all K = T.
     Inputs: ``start`` [B,O] normalised, ``seed`` [] int64, ``guidance_scale`` [] fp32. ``run`` returns
     (x [B,H,D], actions [B,H,A], posterior mean - x at t = 0 [B,H,D], the policy's smallest std []).
@@ -179,7 +179,7 @@ class CudaGraphSampler:
 
 def graph_runner_for(step: GuidedStep, step_table: torch.Tensor, fallback: Callable,
                      timesteps: torch.Tensor | None = None) -> CudaGraphSampler | None:
-    """A ``CudaGraphSampler`` for ``step`` (kernel ops) on step_table's device (the chain's table [K, 4] and trained
+    """A ``CudaGraphSampler`` for ``step`` (kernel ops) on step_table's device (the chain's table [K, 6] and trained
     timesteps [K], None: all T), or None (with one warning) where
     the graph path cannot run: no CUDA device with a working Triton, ``update_states`` (autograd through the
     policy) or state guidance (autograd through the critic)."""

@@ -99,7 +99,7 @@ class GuidedStep:
     def clip_state_changes(self, timesteps: torch.Tensor, step_table: torch.Tensor) -> list[float | None]:
         """The state-change clamp of each chain step i (list index i): the config's value times the number of
         trained steps t <= 10 among the ones step i spans (t_i - n_i + 1 .. t_i, n_i = its "trained_steps"
-        column), None where there are none. timesteps [K] the chain's trained timesteps; step_table [K, 5].
+        column), None where there are none. timesteps [K] the chain's trained timesteps; step_table [K, 6].
 
         The clamp guards the low-noise end of the schedule (small sigma_t, where one denoiser error would jump a
         state), a property of abar_t, so it follows the trained timesteps: on the trained chain it applies at
@@ -116,7 +116,7 @@ class GuidedStep:
 
     def __call__(self, x, a, step_input, start, coef, g, clip_state_change, state_noise, action_noise, last: bool,
                  std_min, seed=None, step: int | None = None):
-        """x [B,H,D], a [B,H,A] at step t; start [B,O] normalised; coef = step_table[t] [5]; g the guidance scale
+        """x [B,H,D], a [B,H,A] at step t; start [B,O] normalised; coef = step_table[t] [6]; g the guidance scale
         (0-dim tensor); clip_state_change ``clip_state_change_at(t)``; state/action noise [B,H,D]/[B,H,A] (state
         None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise; last = (t == 0);
         std_min: 0-dim fp32 tensor, the running minimum of the policy's std (NaN propagates), checked by the caller
@@ -140,9 +140,11 @@ class GuidedStep:
             a_next = self.ops.action_update(a, p_mean, p_std, act.mean, act.scale, coef, g, c.clip_std, action_noise,
                                             c.action_noise_scale, c.guidance_type, last, **kernel_noise)
         if c.update_states and not last:  # (guidance_type 'grad' only, so a_next is the guided one)
-            # the guided raw action before its noise, at which the ablation differentiates log pi
-            a_guided = self.normalizer.unnormalize(a_next - c.action_noise_scale * coef[SIGMA] * action_noise,
-                                                   "actions")
+            # the guided raw action before its noise (the same update with the noise scaled by 0), at which the
+            # ablation differentiates log pi
+            a_guided = self.normalizer.unnormalize(self.ops.action_update(
+                a, p_mean, p_std, act.mean, act.scale, coef, g, c.clip_std, action_noise, 0.0, c.guidance_type, last),
+                "actions")
             x_next = self._update_guide_states(x, impose_start_obs(x0, start), mean, a_guided, start, coef, g,
                                                state_noise)
         if c.state_guidance != "none" and not last:

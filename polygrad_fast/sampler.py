@@ -212,7 +212,7 @@ class FastGuidedSampler:
         if cfg.sampling_steps is not None and cfg.sampling_steps > schedule.n_steps:
             raise ValueError(f"SamplerConfig.sampling_steps = {cfg.sampling_steps} but the schedule has T = "
                              f"{schedule.n_steps} trained steps; expected None or an int in 2..{schedule.n_steps}")
-        # the chain: K trained timesteps t_i and the step table [K, 4] of the respaced posterior (K = T: unchanged)
+        # the chain: K trained timesteps t_i and the step table [K, 6] of the respaced posterior (K = T: unchanged)
         self.n_chain_steps = cfg.sampling_steps or schedule.n_steps
         self.timesteps, self.step_table = schedule.respaced(self.n_chain_steps, device=self.device)
         if self.backend != "reference":
@@ -284,7 +284,7 @@ class FastGuidedSampler:
             # set adds its 3 graphs, so dynamo's default limit of 8 would send a third differently configured
             # sampler to eager mode.
             self._step = torch.compile(self.guided_step.__call__, recompile_limit=RECOMPILE_LIMIT)
-        self._rows = list(self.step_table.unbind(0))  # coef rows [5], views made once
+        self._rows = list(self.step_table.unbind(0))  # coef rows [6], views made once
         self._buffers: dict | None = None
         # backend 'triton': calls without explicit noise replay the whole loop as a CUDA graph
         self._graph_runner = None

@@ -18,10 +18,12 @@ Precision = Literal["float64", "float32"]
 PRECISIONS: tuple[str, ...] = ("float64", "float32")
 
 # Order of the columns of ``NoiseSchedule.step_table``: the per-t coefficients a fused reverse step reads. The
-# last, "trained_steps", is the number of trained steps a chain step spans: 1 on the trained chain, the stride of
-# a respaced one (what the guidance step compounds over, see ``step_ops.action_update_at``).
+# last two describe the trained steps a chain step spans (the guided action update compounds over them, see
+# ``step_ops.action_update_at``): "trained_steps", their number (1 on the trained chain, the stride of a respaced
+# one), and "spanned_posterior_std", the root mean square of their trained posterior stds (posterior_std on the
+# trained chain).
 STEP_TABLE_COLUMNS = ("sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std",
-                      "trained_steps")
+                      "trained_steps", "spanned_posterior_std")
 
 _TABLE_NAMES = (
     "betas",
@@ -135,19 +137,20 @@ class NoiseSchedule:
         return self.tables[name].to(device=device, dtype=dtype)
 
     def step_table(self, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """[T, 5] contiguous table with the columns ``STEP_TABLE_COLUMNS``: what one reverse step reads by t."""
-        return _step_table(self.tables, torch.ones(self.n_steps, dtype=torch.float64), device, dtype)
+        """[T, 6] contiguous table with the columns ``STEP_TABLE_COLUMNS``: what one reverse step reads by t."""
+        return _step_table(self.tables, torch.arange(self.n_steps), self.tables["posterior_std"], device, dtype)
 
     def respaced(self, n_sampling_steps: int, device=None,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(kept trained timesteps [K] int64, step table [K, 5]) of the K-step respaced reverse chain.
+        """(kept trained timesteps [K] int64, step table [K, 6]) of the K-step respaced reverse chain.
 
         The kept steps are ``strided_timesteps(T, K)`` (0 and T-1 always among them). Respacing as improved
         DDPM (Nichol & Dhariwal 2021): with kept steps S_0 < ... < S_{K-1}, the chain's betas are recomputed from
         the trained abar, beta'_i = 1 - abar_{S_i} / abar_{S_{i-1}} (abar_{S_{-1}} = 1), so abar'_i = abar_{S_i}
         and row i holds sqrt(abar_{S_i}) and the posterior q(x_{S_{i-1}} | x_{S_i}, x0) of that longer step
         (every table derived from beta' as for the trained schedule, in the schedule's ``precision``) and the
-        number of trained steps it spans, S_i - S_{i-1} (1 for i = 0). Row i is the chain's step i; the denoiser
+        number of trained steps it spans, S_i - S_{i-1} (1 for i = 0), with the root mean square of their trained
+        posterior stds. Row i is the chain's step i; the denoiser
         must still be given the trained timestep S_i. K = T returns
         ``(arange(T), step_table())`` exactly (the identity respacing, without the rounding of recomputing it).
         """
@@ -157,14 +160,21 @@ class NoiseSchedule:
         arith = torch.float64 if self.precision == "float64" else torch.float32
         abar = self.tables["alphas_cumprod"][kept].to(arith)
         betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=arith), abar[:-1]])
-        spans = torch.diff(kept, prepend=torch.tensor([-1])).to(torch.float64)
-        return kept.to(device), _step_table(_derived_tables(betas), spans, device, dtype)
+        return kept.to(device), _step_table(_derived_tables(betas), kept, self.tables["posterior_std"], device,
+                                            dtype)
 
 
-def _step_table(tables: dict[str, torch.Tensor], trained_steps: torch.Tensor, device, dtype) -> torch.Tensor:
-    """The step table [K, 5] (``STEP_TABLE_COLUMNS``) from a schedule's tables [K] and the trained steps each row
-    spans [K]."""
-    cols = [tables[name].to(torch.float64) for name in STEP_TABLE_COLUMNS[:-1]] + [trained_steps]
+def _step_table(tables: dict[str, torch.Tensor], kept: torch.Tensor, trained_std: torch.Tensor, device,
+                dtype) -> torch.Tensor:
+    """The step table [K, 6] (``STEP_TABLE_COLUMNS``) of the chain on the kept trained timesteps [K] ascending:
+    the chain's tables [K], then per row the trained steps it spans (kept[i-1] + 1 .. kept[i]) and the root mean
+    square of their trained posterior stds ``trained_std`` [T]."""
+    bounds = torch.cat([torch.tensor([-1]), kept]).tolist()
+    spans = [range(lo + 1, hi + 1) for lo, hi in zip(bounds, bounds[1:])]
+    var = trained_std.to(torch.float64) ** 2
+    spanned_std = torch.stack([var[list(r)].mean().sqrt() if len(r) > 1 else trained_std[r[0]] for r in spans])
+    cols = [tables[name].to(torch.float64) for name in STEP_TABLE_COLUMNS[:-2]]
+    cols += [torch.tensor([float(len(r)) for r in spans], dtype=torch.float64), spanned_std.to(torch.float64)]
     return torch.stack(cols, dim=1).to(device=device, dtype=dtype).contiguous()
 
 

@@ -5,7 +5,7 @@ What the fast torch path runs (eager or under ``torch.compile``) and what the fu
 ``polygrad_fast.reference``.
 
 Shapes: B batch, H horizon, D = O + 2 (normalised obs, reward, terminal), O obs dim, A action dim. A step t is
-resolved by the caller into coef = ``NoiseSchedule.step_table()[t]`` [5] (columns ``STEP_TABLE_COLUMNS``, read
+resolved by the caller into coef = ``NoiseSchedule.step_table()[t]`` [6] (columns ``STEP_TABLE_COLUMNS``, read
 through the indices below), the clip switch (``CLIP_STATE_CHANGE_MAX_T``), ``noise=None`` at t = 0 and ``last``:
 the ops branch only on Python values, so ``torch.compile`` traces one graph per branch instead of one per t.
 """
@@ -28,9 +28,10 @@ STATES_FOR_GUIDANCE: tuple[str, ...] = typing.get_args(StatesForGuidance)
 CLIP_STATE_CHANGE_MAX_T = 10
 
 # Column indices of a step-table row: sqrt(abar_t), the two posterior-mean coefficients, the posterior std, the
-# number of trained steps the row spans.
-SQRT_ABAR, COEF1, COEF2, SIGMA, TRAINED_STEPS = (STEP_TABLE_COLUMNS.index(c) for c in (
-    "sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std", "trained_steps"))
+# number of trained steps the row spans and the root mean square of their posterior stds.
+SQRT_ABAR, COEF1, COEF2, SIGMA, TRAINED_STEPS, SPANNED_STD = (STEP_TABLE_COLUMNS.index(c) for c in (
+    "sqrt_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2", "posterior_std", "trained_steps",
+    "spanned_posterior_std"))
 
 
 def impose_start_obs(x: torch.Tensor, start_obs: torch.Tensor) -> torch.Tensor:
@@ -96,10 +97,13 @@ def action_update_at(
     actions, noise: [B,H,A] normalised; policy_mean, policy_std: [B,H,A] (or broadcastable) in RAW action units;
     act_mean, act_scale: [A]. Returns the new normalised actions [B,H,A]:
       last (t = 0, any type): clamp raw actions to mean +- clip_std*std only (the last step is never guided);
-      'grad':   clamp, then a += (1 - (1 - min(w / std^2, 1))^n) (mean - a) with n = coef[TRAINED_STEPS]: the
-                step w * d/da log N(a; mean, std) = w (mean - a) / std^2, capped where it would pass the policy
-                mean, taken n times (a respaced step spanning n trained steps pulls as far as they did; n = 1 on
-                the trained chain); normalise, add action_noise_scale * sigma_t * noise;
+      'grad':   clamp, then a += p (mean - a), normalise, add action_noise_scale * s * noise, where the step
+                w * d/da log N(a; mean, std) = w (mean - a) / std^2, capped where it would pass the policy mean
+                (c = min(w / std^2, 1)), is compounded over the n = coef[TRAINED_STEPS] trained steps the row
+                spans, as those steps would take it with their noise between them (the policy held fixed):
+                p = 1 - (1 - c)^n and s^2 = coef[SPANNED_STD]^2 sum_{k<n} (1 - c)^(2k)
+                = coef[SPANNED_STD]^2 p (2 - p) / (c (2 - c)) (n s_rms^2 at c = 0). On the trained chain (n = 1)
+                this is the paper's step: p = c, s = sigma_t;
       'sample': the policy's sample mean + std * noise, normalised (no clamp, no extra noise);
       'none':   actions unchanged.
     """
@@ -110,10 +114,15 @@ def action_update_at(
         if last:
             return (a - act_mean) / act_scale
         # the step w (mean - a) / std^2 is capped at the policy mean (GUIDANCE_STEP_CAP), compounded over the
-        # trained steps the row spans: see docs/algorithm.md
-        pull = 1 - (1 - torch.clamp(guidance_scale / policy_std**2, max=GUIDANCE_STEP_CAP)) ** coef[TRAINED_STEPS]
-        a = a + pull * (policy_mean - a)
-        return (a - act_mean) / act_scale + action_noise_scale * coef[SIGMA] * noise
+        # trained steps the row spans (docs/algorithm.md, "Few-step sampling"); expm1/log1p: p and c(2-c) stay
+        # accurate for c << 1, where 1 - (1 - c)^n would lose their digits in fp32
+        c = torch.clamp(guidance_scale / policy_std**2, max=GUIDANCE_STEP_CAP)
+        n = coef[TRAINED_STEPS]
+        p = -torch.expm1(n * torch.log1p(-c))
+        noise_var_ratio = torch.where(c > 0, p * (2 - p) / (c * (2 - c)), n)
+        a = a + p * (policy_mean - a)
+        noise_std = coef[SPANNED_STD] * noise_var_ratio.sqrt()
+        return (a - act_mean) / act_scale + action_noise_scale * noise_std * noise
     if guidance_type == "sample":
         return (policy_mean + policy_std * noise - act_mean) / act_scale
     return actions.clone()

@@ -58,8 +58,10 @@ def test_respaced_posterior_is_the_ddpm_posterior_between_kept_steps(tau):
     kept, table = schedule.respaced(16, dtype=torch.float64)
     abar = schedule.alphas_cumprod[kept]
     abar_s = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    sqrt_abar, c1, c2, sigma, spans = table.unbind(1)
+    sqrt_abar, c1, c2, sigma, spans, spanned_std = table.unbind(1)
     assert spans.tolist() == torch.diff(kept, prepend=torch.tensor([-1])).tolist()  # trained steps per row
+    trained_var = schedule.posterior_std**2
+    torch.testing.assert_close(spanned_std[5]**2, trained_var[kept[4] + 1: kept[5] + 1].mean(), atol=0, rtol=1e-12)
     torch.testing.assert_close(sqrt_abar, abar.sqrt(), atol=0, rtol=1e-12)
     torch.testing.assert_close(c1 + c2 * abar.sqrt(), abar_s.sqrt(), atol=0, rtol=1e-12)
     var = torch.where(kept > 0, sigma**2, torch.zeros_like(sigma))  # sigma_0 is the clipped 1e-10, var_0 = 0

@@ -25,7 +25,7 @@ def _inputs(seed=0):
 
 
 def _fast(a, mean, std, act_mean, act_scale, w, clip_std=None):
-    coef = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64)  # SIGMA = 0: no noise; one trained step
+    coef = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)  # no noise; one trained step
     return action_update_at(a, mean, std, act_mean, act_scale, coef, w, clip_std, torch.zeros_like(a), 1.0,
                             "grad", last=False)
 

@@ -45,10 +45,12 @@ def test_schedule_tables_match_numpy_float64(T, tau):
         assert got.dtype == torch.float64
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-15, err_msg=name)
     table = schedule.step_table()
-    assert table.shape == (T, 5) and table.dtype == torch.float32
-    for i, name in enumerate(STEP_TABLE_COLUMNS[:-1]):
+    assert table.shape == (T, 6) and table.dtype == torch.float32
+    for i, name in enumerate(STEP_TABLE_COLUMNS[:-2]):
         np.testing.assert_allclose(table[:, i].numpy(), numpy_tables(T, tau)[name], rtol=1e-6, atol=1e-12)
-    assert STEP_TABLE_COLUMNS[-1] == "trained_steps" and torch.equal(table[:, -1], torch.ones(T))  # each spans 1
+    # each row spans its own trained step: one of them, with its own posterior std
+    assert STEP_TABLE_COLUMNS[-2:] == ("trained_steps", "spanned_posterior_std")
+    assert torch.equal(table[:, -2], torch.ones(T)) and torch.equal(table[:, -1], table[:, -3])
 
 
 @pytest.mark.parametrize("tau,expected", [(1.0, [0.9999, 0.919, 0.698, 0.371, 0.0004]),
@@ -140,7 +142,7 @@ def test_float32_tables_match_independent_numpy_float32(T, tau):
             np.testing.assert_array_max_ulp(got, expected, maxulp=MAX_ULP[name])
     # what a reverse step reads is the float32 table itself, bit for bit
     table = schedule.step_table()
-    for i, name in enumerate(STEP_TABLE_COLUMNS[:-1]):
+    for i, name in enumerate(STEP_TABLE_COLUMNS[:-2]):
         assert torch.equal(table[:, i], getattr(schedule, name).float()), name
 
 

@@ -86,21 +86,24 @@ def test_action_update_matches_autograd_step(t, guidance_type, clip_std):
         assert ((raw >= lo - 1e-5) & (raw <= hi + 1e-5)).all()
 
 
-@pytest.mark.parametrize("n", [2, 9])
+@pytest.mark.parametrize("K", [2, 3, 10])
 @pytest.mark.parametrize("w", [0.01, 0.3, 2.0])
-def test_action_update_of_a_respaced_row_takes_its_trained_steps(n, w):
-    """A row spanning n trained steps: the closed form 1 - (1 - min(w / std^2, 1))^n against the twin's n autograd
-    steps, from a weak pull to the cap (w = 2 passes the mean for every std here: both land on it)."""
+def test_action_update_of_a_respaced_row_compounds_its_trained_steps(K, w):
+    """A row of a K-step chain (T = 20: spans of 19, 9-10 and 2-3 trained steps): the closed forms (pull
+    1 - (1 - c)^n, noise variance s^2 p (2 - p) / (c (2 - c))) against the twin's n autograd steps with its noise
+    variance accumulated step by step; from a weak pull to the cap (w = 2 passes the mean for every std here)."""
     norm, policy, x, _, _, _, a_noise = setup(3)
     actions = torch.randn(B, H, A) * 2
-    table = NoiseSchedule(T).step_table()
-    table[:, -1] = n
+    _, table = NoiseSchedule(T).respaced(K)
     act = norm["actions"]
     with torch.no_grad():
         mean, std = policy(norm.unnormalize(x[..., :O], "observations"))
-    got = action_update_at(actions, mean, std, act.mean, act.scale, table[5], w, 3.0, a_noise, 1.0, "grad", False)
-    want = guided_action_update(actions, mean, std, act.mean, act.scale, 5, table, w, 3.0, a_noise, 1.0, "grad")
-    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+    for row in range(1, K):
+        got = action_update_at(actions, mean, std, act.mean, act.scale, table[row], w, 3.0, a_noise, 1.0, "grad",
+                               False)
+        want = guided_action_update(actions, mean, std, act.mean, act.scale, row, table, w, 3.0, a_noise, 1.0,
+                                    "grad")
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
 
 
 @pytest.mark.slow

@@ -52,14 +52,15 @@ def draw_noise(n_steps: int, batch: int, horizon: int, transition_dim: int, acti
 
 def respaced_chain(schedule: NoiseSchedule, sampling_steps: int | None,
                    device=None) -> tuple[list[int], torch.Tensor]:
-    """(trained timesteps t_i, i = 0..K-1, ascending; step table [K, 5] fp32) of the K-step chain.
+    """(trained timesteps t_i, i = 0..K-1, ascending; step table [K, 6] fp32) of the K-step chain.
 
     None (or K = T): all T steps and ``schedule.step_table()``. Otherwise t_i = round(i (T-1) / (K-1)) (halves up)
     and row i is the DDPM posterior q(x_s | x_t, x0) between t = t_i and the next kept step s = t_{i-1}, written
     from the trained abar (float64; abar_s = 1 for i = 0):
       mean = sqrt(abar_s) (1 - abar_t / abar_s) / (1 - abar_t) x0 + sqrt(abar_t / abar_s) (1 - abar_s) / (1 - abar_t) x_t,
       var  = (1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s),  std = exp(log(max(var, 1e-20)) / 2),
-    and the trained steps it spans, t_i - t_{i-1} (1 for i = 0).
+    and the trained steps it spans, t_{i-1} + 1 .. t_i (t_{-1} = -1): their number and the root mean square of
+    their trained posterior stds.
     """
     T = schedule.n_steps
     if sampling_steps is None or sampling_steps == T:
@@ -70,12 +71,14 @@ def respaced_chain(schedule: NoiseSchedule, sampling_steps: int | None,
     kept = [int(i * (T - 1) / (K - 1) + 0.5) for i in range(K)]
     abar = schedule.alphas_cumprod.tolist()
     rows = []
+    trained_std = schedule.posterior_std.tolist()
     for i, t in enumerate(kept):
+        spanned = range(kept[i - 1] + 1 if i > 0 else 0, t + 1)
         a_t, a_s = abar[t], (abar[kept[i - 1]] if i > 0 else 1.0)
         var = (1 - a_s) / (1 - a_t) * (1 - a_t / a_s)
         rows.append([math.sqrt(a_t), math.sqrt(a_s) * (1 - a_t / a_s) / (1 - a_t),
                      math.sqrt(a_t / a_s) * (1 - a_s) / (1 - a_t), math.exp(0.5 * math.log(max(var, 1e-20))),
-                     t - kept[i - 1] if i > 0 else 1])
+                     len(spanned), math.sqrt(sum(trained_std[s] ** 2 for s in spanned) / len(spanned))])
     return kept, torch.tensor(rows, dtype=torch.float64).to(device=device, dtype=torch.float32)
 
 
@@ -209,8 +212,9 @@ def guided_step(
         x, x_recon, start_obs, t, step_table, obs.mean, obs.scale, clip_state_change, state_noise,
         states_for_guidance, row=row)
     new_actions, a_guided = reference_action_step(
-        actions, guide_raw, policy, normalizer, t, extract(step_table, "posterior_std", row), guidance_scale,
-        clip_std, action_noise, action_noise_scale, guidance_type, int(extract(step_table, "trained_steps", row)))
+        actions, guide_raw, policy, normalizer, t, extract(step_table, "spanned_posterior_std", row),
+        guidance_scale, clip_std, action_noise, action_noise_scale, guidance_type,
+        int(extract(step_table, "trained_steps", row)))
     if update_states and a_guided is not None:
         x_next, mean = update_guide_states(x, apply_conditioning(x_recon, start_obs), mean, a_guided, start_obs, row,
                                            step_table, policy, normalizer, guidance_scale, states_for_guidance,

@@ -6,9 +6,10 @@ Written the way the paper's code states them (coefficients extracted by name, ``
 
 Shapes: B batch, H horizon, D = O + 2 (normalised obs, reward, terminal), O obs dim, A action dim. ``t`` is the
 reverse-step index (python int, T-1 .. 0; t = 0 is the last step and adds no noise); ``step_table`` is
-``NoiseSchedule.step_table()`` [T, 5] with the columns ``STEP_TABLE_COLUMNS``, or a K-step chain's table [K, 5]
+``NoiseSchedule.step_table()`` [T, 6] with the columns ``STEP_TABLE_COLUMNS``, or a K-step chain's table [K, 6]
 read at ``row`` (the chain's step index) while ``t`` stays the trained timestep (``guided_sampling.respaced_chain``);
-its "trained_steps" column n is how many trained steps the row spans (t - n + 1 .. t; 1 on the trained chain).
+its "trained_steps" column n is how many trained steps the row spans (t - n + 1 .. t; 1 on the trained chain),
+"spanned_posterior_std" the root mean square of their trained posterior stds.
 """
 from __future__ import annotations
 
@@ -90,12 +91,15 @@ def action_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Action half of the paper's reverse step t given the policy's distribution over raw actions ``dist``.
 
-    actions, noise [B,H,A] normalised; act_mean, act_scale [A]; sigma_t the posterior std of step t. Returns (new
+    actions, noise [B,H,A] normalised; act_mean, act_scale [A]; sigma_t the posterior std of step t (of a
+    respaced row: the root mean square of the trained posterior stds it spans). Returns (new
     normalised actions [B,H,A], the guided raw actions before the noise [B,H,A], or None without a gradient step):
       t = 0: clamp a to dist.mean +- clip_std * dist.stddev, nothing else (no clip_std: unchanged);
       'grad': clamp, then a <- a + w * grad_a log pi(a|s) (autograd), stopped at the policy's mean where the
-              step would pass it, taken ``trained_steps`` times (the trained steps a respaced row spans),
-              normalise, add action_noise_scale * sigma_t * noise;
+              step would pass it, normalise, add action_noise_scale * sigma_t * noise; a respaced row spanning
+              n = ``trained_steps`` trained steps takes the step n times and its noise is what n steps of noise
+              sigma_t would leave, each shrunk by the later steps' pull: variance sigma_t^2 sum_k q^(2k), with
+              q = 1 - min(w / std^2, 1) the fraction of the distance to the mean a step keeps (diagonal Normal);
       'sample': a = dist.mean + dist.stddev * noise, normalised;
       'none': unchanged.
     """
@@ -110,6 +114,8 @@ def action_step(
         a = torch.clamp(a, dist.mean - clip_std * dist.stddev, dist.mean + clip_std * dist.stddev)
     if t == 0:
         return (a - act_mean) / act_scale, None
+    kept = torch.clamp(1 - guidance_scale / dist.stddev**2, min=0)
+    noise_var = torch.zeros_like(a)  # in units of sigma_t^2
     for _ in range(trained_steps):
         a = a.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -117,7 +123,8 @@ def action_step(
         step = guidance_scale * a.grad
         # a step longer than the distance to the policy's mean would pass it: it stops at the mean instead
         a = torch.where(step.abs() > (dist.mean - a).abs(), dist.mean, a + step).detach()
-    return (a - act_mean) / act_scale + action_noise_scale * sigma_t * noise, a
+        noise_var = noise_var * kept**2 + 1
+    return (a - act_mean) / act_scale + action_noise_scale * sigma_t * noise_var.sqrt() * noise, a
 
 
 def guided_action_update(
@@ -137,7 +144,7 @@ def guided_action_update(
     """``action_step`` for the policy Normal(policy_mean, policy_std) [B,H,A] (or broadcastable), raw units:
     the new normalised actions [B,H,A]."""
     dist = Normal(policy_mean.detach(), policy_std.detach())
-    new, _ = action_step(actions, dist, act_mean, act_scale, t, extract(step_table, "posterior_std", t),
+    new, _ = action_step(actions, dist, act_mean, act_scale, t, extract(step_table, "spanned_posterior_std", t),
                          guidance_scale, clip_std, noise, action_noise_scale, guidance_type,
                          int(extract(step_table, "trained_steps", t)))
     return new
