@@ -51,7 +51,9 @@ class SamplerConfig:
     action_noise_scale: multiplies the noise added to the actions at each reverse step.
     sampling_steps: None runs all T trained steps; K in 2..T runs the K-step chain on the evenly strided trained
     timesteps (``NoiseSchedule.respaced``: posterior coefficients recomputed for the longer steps, the denoiser
-    given the trained t, the t <= 10 clamp decided by the trained t). The guidance scale is not rescaled for K.
+    given the trained t). A step spanning n trained steps guides as those n would: the guidance step (w per
+    trained step, so one tuned w serves every K) compounded n times with the action noise they would have added
+    between them, and the state clamp of the spanned t <= 10 added up (docs/algorithm.md, "Few-step sampling").
     state_guidance: advantage-guided diffusion after the action update of every step t >= 1: 'none', 'sag'
     (w = prod_k sigmoid(A_k)) or 'eag' (w = exp(sum_k A_k)), A_k = r_k + gamma (1 - d_k) V(s_{k+1}) - V(s_k) on
     the x0 prediction with the sampler's ``critic``; x0's states move by state_guidance_scale * sigma_t^4 *
@@ -67,13 +69,9 @@ class SamplerConfig:
     states_for_guidance: StatesForGuidance = "recon"
     update_states: bool = False
     action_noise_scale: float = 1.0
-    # The guidance scale w stays per step at any K (GuidanceScaleTuner re-targets act_std = 1 for the K in use).
-    # Measured before the pull was capped at the policy mean (random residual-MLP denoiser 128x2, Actor std 1,
-    # T = 128, tau = 0.1, H = 10, B = 256, mean of 3 seeds): act_std at w = 0.005 is 0.86 at K = 128, 1.23 at
-    # K = 16; at w = 0.05 0.24 vs 0.69. Rescaling w by T/K at K = 16 gives 0.78 and 0.17 (closer), but the
-    # per-step pull w T / (K sigma_pi^2) then reaches 1 at sigma_pi = 0.2 (w = 0.005; act_std 0.76 there), where
-    # the capped step min(w / sigma_pi^2, 1) sets the actions to the policy mean at every step, for the stds the
-    # actor reaches (min std 0.1): a fixed T/K factor would change what the tuned w means with the policy's std.
+    # w is per trained step: at K < T each step compounds the n trained steps it spans (step_ops.action_update_at).
+    # Measured (HalfCheetah eval-wm model, T = 128, tau = 0.1, H = 10, B = 256, random actor std 1, w = 0.005):
+    # act_std 0.535 at K = 128, 0.535 at K = 32 and 0.547 at K = 8 (with w applied once per step: 0.756 and 0.741).
     sampling_steps: int | None = None
     state_guidance: StateGuidance = "none"
     state_guidance_scale: float = 3.0
