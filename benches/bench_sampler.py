@@ -170,6 +170,35 @@ def test_fast_statistics_match_reference(hopper):
         assert abs(fast.metrics[key].item() - ref.metrics[key].item()) <= 0.1, key
 
 
+FEW_STEP_CHAINS = [128, 32, 16, 8]  # K of the T=128 trained steps
+_FEW_STEP: dict[int, float] = {}  # K -> min seconds
+
+
+@pytest.mark.parametrize("K", FEW_STEP_CHAINS)
+def test_few_step_sampling(benchmark, hopper, K):
+    """One B=256 guided batch (fast path, compiled) on the K-step chain of the T=128 schedule; extra_info gives the
+    time against K=128 measured in the same run and act_std (the guidance is per trained step, so it should stay
+    near K=128's for the same w)."""
+    n_steps = _n_steps(benchmark)
+    k = max(2, K * n_steps // 128)
+    denoiser, policy, normalizer = hopper
+    sampler = FastGuidedSampler(denoiser, NoiseSchedule(n_steps, tau=0.1), policy, normalizer, **OPTIONS,
+                                backend="torch", compile=True, sampling_steps=k)
+    start = torch.randn(256, O, generator=torch.Generator().manual_seed(1)) * 2
+    sampler.sample(start)
+    benchmark.pedantic(lambda: sampler.sample(start), rounds=ROUNDS["fast"], iterations=1)
+    if benchmark.disabled:
+        return
+    _FEW_STEP[K] = mine = benchmark.stats.stats.min
+    act_std = float(sampler.sample(start, generator=torch.Generator().manual_seed(2)).metrics["act_std"])
+    benchmark.extra_info.update(K=K, act_std=act_std, **_conditions())
+    line = f"\n[bench_sampler] B=256 K={K}: {mine:.3f} s per guided batch, act_std {act_std:.3f}"
+    if 128 in _FEW_STEP and K != 128:
+        benchmark.extra_info["time_vs_k128"] = mine / _FEW_STEP[128]
+        line += f", {_FEW_STEP[128] / mine:.1f}x less time than K=128"
+    print(line + f" [ISA {backend.cpu_isa()}, threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}]")
+
+
 # ---------------------------------------------------------------- per-step breakdown (B = 256 and 1024, one step)
 def _step_inputs(hopper, batch):
     denoiser, policy, normalizer = hopper
