@@ -117,8 +117,8 @@ class GuidedStep:
     def __call__(self, x, a, step_input, start, coef, g, clip_state_change, state_noise, action_noise, last: bool,
                  std_min, seed=None, step: int | None = None):
         """x [B,H,D], a [B,H,A] at step t; start [B,O] normalised; coef = step_table[t] [6]; g the guidance scale
-        (0-dim tensor); clip_state_change the chain step's ``clip_state_changes(...)`` entry; state/action noise [B,H,D]/[B,H,A] (state
-        None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise; last = (t == 0);
+        (0-dim tensor); clip_state_change the chain step's ``clip_state_changes(...)`` entry; state/action noise
+        [B,H,D]/[B,H,A] (state None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise; last = (t == 0);
         std_min: 0-dim fp32 tensor, the running minimum of the policy's std (NaN propagates), checked by the caller
         after the loop (one reduction per step, no host sync).
 
