@@ -12,8 +12,8 @@ import triton.language as tl
 
 from ..schedule import STEP_TABLE_COLUMNS
 from ..step_ops import GUIDANCE_STEP_CAP, GUIDANCE_TYPES
-from ._common import (ACTION_STREAM, SPANNED_STD_COL, TRAINED_STEPS_COL, check_noise_source, check_same_device, device_scalar,
-                      row_block, rows_per_program, standard_normal)
+from ._common import (ACTION_STREAM, SPANNED_STD_COL, TRAINED_STEPS_COL, check_noise_source, check_same_device,
+                      device_scalar, row_block, rows_per_program, standard_normal)
 
 _GRAD, _NONE = (tl.constexpr(GUIDANCE_TYPES.index(g)) for g in ("grad", "none"))
 _STEP_CAP = tl.constexpr(GUIDANCE_STEP_CAP)
@@ -72,8 +72,8 @@ def _guided_action_update_kernel(
             n = tl.load(coef_ptr + TRAINED_STEPS_COL).to(tl.float32)
             pull = -_expm1_nonpositive(n * _log1p_neg(gain))
             pulled = gain > 0
-            var_ratio = tl.where(pulled, tl.math.div_rn(pull * (2.0 - pull), tl.where(pulled, gain * (2.0 - gain), 1.0)),
-                                 n)
+            span_var = tl.math.div_rn(pull * (2.0 - pull), tl.where(pulled, gain * (2.0 - gain), 1.0))
+            var_ratio = tl.where(pulled, span_var, n)
             guided = clipped + pull * (pm - clipped)
             moved = tl.math.div_rn(guided - am, asc) + (noise_scale * spanned_std) * tl.sqrt_rn(var_ratio) * z
         else:

@@ -21,8 +21,8 @@ from .denoisers import Denoiser
 from .normalizer import Normalizer
 from .policy import policy_distribution
 from .state_guidance import advantage_log_weight_grad
-from .step_ops import CLIP_STATE_CHANGE_MAX_T, COEF1, COEF2, SIGMA, SQRT_ABAR, TRAINED_STEPS, action_update_at, impose_start_obs, \
-    state_update_at
+from .step_ops import (CLIP_STATE_CHANGE_MAX_T, COEF1, COEF2, SIGMA, SQRT_ABAR, TRAINED_STEPS, action_update_at,
+                       impose_start_obs, state_update_at)
 
 
 class StepOps(NamedTuple):
@@ -118,7 +118,8 @@ class GuidedStep:
                  std_min, seed=None, step: int | None = None):
         """x [B,H,D], a [B,H,A] at step t; start [B,O] normalised; coef = step_table[t] [6]; g the guidance scale
         (0-dim tensor); clip_state_change the chain step's ``clip_state_changes(...)`` entry; state/action noise
-        [B,H,D]/[B,H,A] (state None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise; last = (t == 0);
+        [B,H,D]/[B,H,A] (state None at t = 0), or None with ``seed`` and ``step`` for the kernels' in-kernel noise;
+        last = (t == 0);
         std_min: 0-dim fp32 tensor, the running minimum of the policy's std (NaN propagates), checked by the caller
         after the loop (one reduction per step, no host sync).
 

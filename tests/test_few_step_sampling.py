@@ -240,6 +240,7 @@ def test_few_step_chain_keeps_the_imagined_actions_spread(policy_std, w):
             sampler = FastGuidedSampler(denoiser, NoiseSchedule(T, tau=1.0), policy, make_normalizer(O, A, seed),
                                         guidance_scale=w, sampling_steps=K, compile=False)
             start = torch.randn(512, O, generator=torch.Generator().manual_seed(seed + 7))
-            values.append(float(sampler.sample(start, generator=torch.Generator().manual_seed(seed)).metrics["act_std"]))
+            batch = sampler.sample(start, generator=torch.Generator().manual_seed(seed))
+            values.append(float(batch.metrics["act_std"]))
         spread[K] = sum(values) / len(values)
     assert spread[8] == pytest.approx(spread[T], rel=0.15), spread
