@@ -150,8 +150,8 @@ class NoiseSchedule:
         and row i holds sqrt(abar_{S_i}) and the posterior q(x_{S_{i-1}} | x_{S_i}, x0) of that longer step
         (every table derived from beta' as for the trained schedule, in the schedule's ``precision``) and the
         number of trained steps it spans, S_i - S_{i-1} (1 for i = 0), with the root mean square of their trained
-        posterior stds. Row i is the chain's step i; the denoiser
-        must still be given the trained timestep S_i. K = T returns
+        posterior stds. Row i is the chain's step i; the denoiser must still be given the trained timestep S_i.
+        K = T returns
         ``(arange(T), step_table())`` exactly (the identity respacing, without the rounding of recomputing it).
         """
         kept = torch.tensor(strided_timesteps(self.n_steps, n_sampling_steps), dtype=torch.int64)

@@ -115,7 +115,9 @@ def action_update_at(
             return (a - act_mean) / act_scale
         # the step w (mean - a) / std^2 is capped at the policy mean (GUIDANCE_STEP_CAP), compounded over the
         # trained steps the row spans (docs/algorithm.md, "Few-step sampling"); expm1/log1p: p and c(2-c) stay
-        # accurate for c << 1, where 1 - (1 - c)^n would lose their digits in fp32
+        # accurate for c << 1, where 1 - (1 - c)^n would lose their digits in fp32. On the trained chain (n = 1)
+        # the extra ops are redundant: +30 us per step eager at B=256, H=10, A=3 (90 vs 60 us, AMX, 2 threads),
+        # 0.6% of a Hopper-shape step; fused into the step's graph when compiled.
         c = torch.clamp(guidance_scale / policy_std**2, max=GUIDANCE_STEP_CAP)
         n = coef[TRAINED_STEPS]
         p = -torch.expm1(n * torch.log1p(-c))
