@@ -78,7 +78,9 @@ class ExecutionOptions:
     (``cpu_packed.packing_pays_off``; ``POLYGRAD_FAST_CPU_PREPACK`` forces it); bf16 batches in
     ``cpu_packed.PLAIN_ROWS`` run plain. cpu_fuse_norm_act: the CPU copies run LayerNorm followed by ReLU/ELU as
     one native kernel (``polygrad_fast.cpu_layer_norm``): the policy copy always, the denoiser copy only when not
-    compiled (inductor already fuses it there). The user's modules are never changed.
+    compiled (inductor already fuses it there). cpu_fuse_actor: a bf16 policy copy that is a polygrad_fast
+    ``Actor`` computes its mean action in one native AMX pass (``polygrad_fast.cpu_actor``) where that measured faster
+    on this CPU (``cpu_actor.fused_actor_pays_off``). The user's modules are never changed.
     """
 
     denoiser_dtype: DtypeChoice = "auto"
@@ -88,6 +90,7 @@ class ExecutionOptions:
     sync_weights: bool = True
     cpu_prepack: bool = True
     cpu_fuse_norm_act: bool = True
+    cpu_fuse_actor: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import cpu_layer_norm, cpu_packed
+from . import cpu_actor, cpu_layer_norm, cpu_packed
 from .backend import ExecutionOptions, check_fields, resolve_dtype, select_backend
 from .denoisers import Denoiser, low_precision_copy
 from .guided_step import TORCH_OPS, GuidedStep, change_metrics, check_policy_output, triton_ops
@@ -269,6 +269,11 @@ class FastGuidedSampler:
         # an fp32 copy takes the fp32 states as they are (no per-step cast)
         self._policy_fast = (_PolicyCall(self.policy) if self._policy_copy is None else _PolicyCall(
             self._policy_copy, None if self.policy_dtype == torch.float32 else self.policy_dtype))
+        # The bf16 Actor copy's mean in one native AMX pass (bf16 numerics, so not for an fp32 policy).
+        self._fused_actor = None
+        if (ex.cpu_fuse_actor and self._policy_copy is not None and self.policy_dtype == torch.bfloat16
+                and cpu_actor.fused_actor_pays_off(self._policy_copy)):
+            self._fused_actor = self._policy_fast = cpu_actor.FusedActor(self._policy_copy)
         self.guided_step = GuidedStep(self._denoiser_fast, self._policy_fast, self.normalizer, cfg,
                                       triton_ops() if self.backend == "triton" else TORCH_OPS, grad_policy=self.policy,
                                       critic=self.critic)
@@ -393,6 +398,8 @@ class FastGuidedSampler:
             _copy_weights(self._denoiser_fast, self.denoiser)
         if self._policy_copy is not None:
             _copy_weights(self._policy_copy, self.policy)
+        if self._fused_actor is not None:
+            self._fused_actor.refresh()
         for module in self._packed:
             cpu_packed.refresh(module)
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "actor_mean.hpp"
 #include "layer_norm_act.hpp"
 #include "normal_noise.hpp"
 
@@ -53,6 +54,36 @@ PYBIND11_MODULE(_cpu_ops, m) {
       "y[r, :] = act(layer_norm(x[r, :]) * weight + bias) for rows r; pointers as integers (weight/bias 0 = none); "
       "row strides in elements, last dimension contiguous; dtype 'float32' or 'bfloat16'; activation 'none', "
       "'relu' or 'elu'; threads: OpenMP threads (results do not depend on it).");
+  m.def(
+      "actor_mean",
+      [](uintptr_t states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
+         uintptr_t w_in, uintptr_t b_in, uintptr_t ln_w, uintptr_t ln_b, double eps, uintptr_t w_hidden,
+         uintptr_t b_hidden, uintptr_t w_out, uintptr_t b_out, uintptr_t mean, int threads) {
+        if (!pgf_ops::actor_mean_available()) throw py::value_error("actor_mean: AMX-BF16 is not usable here");
+        if (rows < 0 || obs_dim < 1 || layers < 1 || act_dim < 1 || hidden < 32 || hidden % 32)
+          throw py::value_error("actor_mean: need rows >= 0, obs_dim, layers, act_dim >= 1 and hidden a multiple "
+                                "of 32, got rows " + std::to_string(rows) + ", obs_dim " + std::to_string(obs_dim) +
+                                ", hidden " + std::to_string(hidden) + ", layers " + std::to_string(layers) +
+                                ", act_dim " + std::to_string(act_dim));
+        if (rows > 0 && (!states || !mean || !w_in || !b_in || !ln_w || !ln_b || !w_out || !b_out ||
+                         (layers > 1 && (!w_hidden || !b_hidden))))
+          throw py::value_error("actor_mean: null data pointer");
+        py::gil_scoped_release release;
+        pgf_ops::actor_mean(reinterpret_cast<const float*>(states), rows, obs_dim, hidden, layers, act_dim,
+                            reinterpret_cast<const uint16_t*>(w_in), reinterpret_cast<const float*>(b_in),
+                            reinterpret_cast<const float*>(ln_w), reinterpret_cast<const float*>(ln_b),
+                            static_cast<float>(eps), reinterpret_cast<const uint16_t*>(w_hidden),
+                            reinterpret_cast<const float*>(b_hidden), reinterpret_cast<const uint16_t*>(w_out),
+                            reinterpret_cast<const float*>(b_out), reinterpret_cast<float*>(mean), threads);
+      },
+      py::arg("states"), py::arg("rows"), py::arg("obs_dim"), py::arg("hidden"), py::arg("layers"),
+      py::arg("act_dim"), py::arg("w_in"), py::arg("b_in"), py::arg("ln_w"), py::arg("ln_b"), py::arg("eps"),
+      py::arg("w_hidden"), py::arg("b_hidden"), py::arg("w_out"), py::arg("b_out"), py::arg("mean"),
+      py::arg("threads"),
+      "mean [rows, act_dim] = tanh(MLP(states)) for the actor MLP described in csrc/cpu_ops/actor_mean.hpp; "
+      "pointers as integers, all contiguous; raises unless actor_mean_available().");
+  m.def("actor_mean_available", &pgf_ops::actor_mean_available,
+        "Whether actor_mean can run here (AMX-BF16 usable by this process, PGF_CPU_OPS_NO_AMX unset).");
   m.def(
       "normal_fill",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, int threads) {

@@ -12,20 +12,10 @@
 // cloned for AVX2 and the baseline ISA (target_clones). Rows are independent, so any thread count gives the same
 // bits; inside one implementation the reduction order is fixed.
 #include "layer_norm_act.hpp"
+#include "row_kernels.hpp"
 
 #include <algorithm>
-#include <cmath>
-#include <cstdlib>
-#include <cstring>
-#include <type_traits>
 #include <vector>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PGF_X86 1
-#include <immintrin.h>
-#else
-#define PGF_X86 0
-#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -34,59 +24,9 @@
 namespace pgf_ops {
 namespace {
 
-// Range reduction as Cephes expf (ln2 split in a short high part and a low part).
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2Hi = 0.693359375f;
-constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kLn2 = 0.693147180559945309f;  // rounded to fp32 (AVX-512 path: one FMA, see v_elu)
-// e^r - 1 = r + r^2 P(r) on |r| <= ln2/2, P of degree 4: a near-minimax fit of the relative error (iteratively
-// reweighted least squares on Chebyshev nodes, coefficients rounded to fp32); about 1 fp32 ulp over the interval
-// (Cephes expf's degree-5 P is more than fp32 needs; one FMA less per vector).
-constexpr float kP0 = 0.0013882522471249104f, kP1 = 0.00836651399731636f, kP2 = 0.04166720062494278f,
-                kP3 = 0.1666654348373413f, kP4 = 0.4999999701976776f;
-constexpr float kExpLo = -88.0f;  // expm1(x) rounds to -1 below this; also keeps 2^n a normal or zero float
-
 // Below this many elements the whole call runs on the calling thread (waking workers costs more than it saves).
 constexpr int64_t kSerialElems = 16384;
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN -> canonical quiet NaN, as c10::BFloat16
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Portable implementation.
-
-inline float expm1_nonpos(float t) {  // t in [kExpLo, 0]; branch-free so loops over it vectorise
-  // n = round(t / ln2) with the 1.5 * 2^23 trick; with 127 added, the low mantissa bits of nf hold the biased
-  // exponent n + 127 in [0, 127], so (bits << 23) is 2^n as a float (0 for n = -127: fine, expm1 = -1 there).
-  const float magic = 12582912.0f + 127.0f;
-  const float nf = t * kLog2e + magic;
-  const float n = nf - magic;
-  float r = t - n * kLn2Hi;  // Cephes split: n * kLn2Hi is exact (kLn2Hi has 9 significant bits)
-  r = r - n * kLn2Lo;
-  float p = kP0;
-  p = p * r + kP1;
-  p = p * r + kP2;
-  p = p * r + kP3;
-  p = p * r + kP4;
-  const float q = p * (r * r) + r;  // e^r - 1
-  uint32_t bits;
-  std::memcpy(&bits, &nf, 4);
-  bits <<= 23;
-  float s;
-  std::memcpy(&s, &bits, 4);
-  return q * s + (s - 1.0f);
-}
 
 // Branch-free, so the portable loops vectorise. ELU as the AVX-512 path: t = -min(|v|, 88), max(expm1(t), v) (for
 // v <= 0, expm1(v) >= v; for v > 0, expm1(t) < 0 < v); a NaN v fails both comparisons and is returned as is.
@@ -178,176 +118,9 @@ void generic_rows(const void* x, void* y, const float* w, const float* b, int64_
 #undef PGF_CASE
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// AVX-512 implementation.
-
 #if PGF_X86
-// The whole section is compiled for AVX-512 (+BF16: only Store<uint16_t, true> uses VCVTNEPS2BF16, and it only runs
-// where cpu_has_avx512bf16()); nothing here runs unless cpu_has_avx512() said so at run time.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")
-#define PGF_INL(tgt) __attribute__((always_inline)) inline
-
-// bf16 -> fp32: bf16 k goes to the high half of 32-bit lane k, the low half is zeroed: one VPERMW with a zeroing
-// mask (instead of a zero-extension and a shift).
-template <typename T>
-PGF_INL(PGF_TGT) __m512 v_load(const T* p, __mmask16 m) {
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    const __m512i idx = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0,
-                                         3, 0, 2, 0, 1, 0, 0, 0);
-    const __m256i h = m == 0xFFFF ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                  : _mm256_maskz_loadu_epi16(m, p);
-    return _mm512_castsi512_ps(
-        _mm512_maskz_permutexvar_epi16(static_cast<__mmask32>(0xAAAAAAAAu), idx, _mm512_castsi256_si512(h)));
-  } else {
-    return _mm512_maskz_loadu_ps(m, p);
-  }
-}
-
-// fp32 -> bf16 in integer arithmetic, exactly c10::BFloat16's round_to_nearest_even (NaN -> 0x7FC0).
-PGF_INL(PGF_TGT) __m256i v_bf16_int(__m512 v) {
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-}
-
-// Output conversion + store. Native: VCVTNEPS2BF16 (AVX512-BF16) also rounds to nearest even, but flushes
-// denormal inputs to zero, so a vector holding a denormal takes the integer path (bit-identical to torch for every
-// finite value; NaN stays NaN, with the input's sign and payload instead of 0x7FC0).
-template <typename T, bool NativeBf16>
-struct Store;
-
-template <bool NativeBf16>
-struct Store<float, NativeBf16> {
-  PGF_INL(PGF_TGT) static void run(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-};
-
-template <>
-struct Store<uint16_t, false> {
-  PGF_INL(PGF_TGT) static void run(uint16_t* p, __mmask16 m, __m512 v) {
-    _mm256_mask_storeu_epi16(p, m, v_bf16_int(v));
-  }
-};
-
-template <>
-struct Store<uint16_t, true> {
-  PGF_INL(PGF_TGT_BF16) static void run(uint16_t* p, __mmask16 m, __m512 v) {
-    __m256i h;
-    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) != 0, 0))  // 0x20: denormal
-      h = v_bf16_int(v);
-    else
-      h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-    _mm256_mask_storeu_epi16(p, m, h);
-  }
-};
-
-// ELU(v) = max(expm1(t), v) with t = -min(|v|, 88) (one VRANGEPS: min by magnitude, sign bit set): for v <= 0,
-// t = max(v, -88) and expm1(v) >= v (so the max is expm1(v); where rounding put the polynomial a hair below v, v
-// itself is the closer value); for v > 0, expm1(t) < 0 < v. A NaN v is returned as is (MAXPS returns its second
-// operand when either is NaN).
-PGF_INL(PGF_TGT) __m512 v_elu(__m512 v) {
-  const __m512 t = _mm512_range_ps(v, _mm512_set1_ps(-kExpLo), 0x0E);  // imm: [1:0]=10 min-abs, [3:2]=11 sign set
-  // n = round(t / ln2) with the 1.5 * 2^23 trick; with 127 added, the low mantissa bits of nf hold the biased
-  // exponent n + 127 in [0, 127], so (bits << 23) is 2^n as a float (0 for n = -127: fine, expm1 = -1 there).
-  const __m512 magic = _mm512_set1_ps(12582912.0f + 127.0f);
-  const __m512 nf = _mm512_fmadd_ps(t, _mm512_set1_ps(kLog2e), magic);
-  const __m512 n = _mm512_sub_ps(nf, magic);
-  // r = t - n ln2 in one FMA with ln2 rounded to fp32 (the Cephes hi/lo split needs two): the product is exact
-  // inside the FMA, so r is off by n (ln2 - fl(ln2)) = n * 1.9e-9 at most, which moves 2^n e^r by a relative
-  // 1.9e-9 |n| 2^n <= 1e-9 of the result's magnitude (n <= 0 here): far below an fp32 ulp.
-  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2), t);
-  __m512 p = _mm512_set1_ps(kP0);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
-  const __m512 q = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);  // e^r - 1
-  const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(nf), 23));  // 2^n
-  const __m512 e = _mm512_fmadd_ps(q, s, _mm512_sub_ps(s, _mm512_set1_ps(1.0f)));       // 2^n (e^r - 1) + 2^n - 1
-  return _mm512_max_ps(e, v);
-}
-
-template <Act A>
-PGF_INL(PGF_TGT) __m512 v_act(__m512 v) {
-  if constexpr (A == Act::Relu) return _mm512_max_ps(_mm512_setzero_ps(), v);  // NaN v: returns v
-  else if constexpr (A == Act::Elu) return v_elu(v);
-  else return v;
-}
-
-// G rows at once, interleaved vector by vector, so the per-row dependency chains (horizontal sums, sqrt, divide)
-// of neighbouring rows overlap. buf holds G scratch rows of `padded` floats (64-byte aligned). w and b are padded
-// fp32 rows (ones / zeros when absent: v * 1 + 0 is v).
-template <typename T, Act A, bool NativeBf16, int G>
-PGF_INL(PGF_TGT) void avx512_group(const T* __restrict x, T* __restrict y, int64_t xs, int64_t ys,
-                                   const float* __restrict w, const float* __restrict b, int64_t width,
-                                   int64_t padded, float eps, float* __restrict buf) {
-  const int64_t full = width & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (width - full)) - 1u);
-  const float inv_w = 1.0f / static_cast<float>(width);
-  __m512 acc[G][2];
-  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm512_setzero_ps();
-  // Pass 1: load (masked-off tail lanes are 0), keep in the scratch row, sum.
-  int64_t i = 0;
-  for (; i + 32 <= full; i += 32)
-    for (int g = 0; g < G; ++g) {
-      __m512 v0 = v_load(x + g * xs + i, 0xFFFF), v1 = v_load(x + g * xs + i + 16, 0xFFFF);
-      _mm512_store_ps(buf + g * padded + i, v0);
-      _mm512_store_ps(buf + g * padded + i + 16, v1);
-      acc[g][0] = _mm512_add_ps(acc[g][0], v0);
-      acc[g][1] = _mm512_add_ps(acc[g][1], v1);
-    }
-  for (; i < padded; i += 16) {
-    const __mmask16 m = i < full ? static_cast<__mmask16>(0xFFFF) : tail;
-    for (int g = 0; g < G; ++g) {
-      __m512 v0 = v_load(x + g * xs + i, m);
-      _mm512_store_ps(buf + g * padded + i, v0);
-      acc[g][0] = _mm512_add_ps(acc[g][0], v0);
-    }
-  }
-  __m512 vm[G];
-  for (int g = 0; g < G; ++g) {
-    vm[g] = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_add_ps(acc[g][0], acc[g][1])) * inv_w);
-    acc[g][0] = acc[g][1] = _mm512_setzero_ps();
-  }
-  // Pass 2: d = x - mean, kept in the scratch row (tail lanes 0), and the sum of squares.
-  i = 0;
-  for (; i + 32 <= full; i += 32)
-    for (int g = 0; g < G; ++g) {
-      __m512 d0 = _mm512_sub_ps(_mm512_load_ps(buf + g * padded + i), vm[g]);
-      __m512 d1 = _mm512_sub_ps(_mm512_load_ps(buf + g * padded + i + 16), vm[g]);
-      _mm512_store_ps(buf + g * padded + i, d0);
-      _mm512_store_ps(buf + g * padded + i + 16, d1);
-      acc[g][0] = _mm512_fmadd_ps(d0, d0, acc[g][0]);
-      acc[g][1] = _mm512_fmadd_ps(d1, d1, acc[g][1]);
-    }
-  for (; i < padded; i += 16) {
-    const __mmask16 m = i < full ? static_cast<__mmask16>(0xFFFF) : tail;
-    for (int g = 0; g < G; ++g) {
-      __m512 d0 = _mm512_maskz_sub_ps(m, _mm512_load_ps(buf + g * padded + i), vm[g]);
-      _mm512_store_ps(buf + g * padded + i, d0);
-      acc[g][0] = _mm512_fmadd_ps(d0, d0, acc[g][0]);
-    }
-  }
-  __m512 vr[G];
-  for (int g = 0; g < G; ++g) {
-    const float var = _mm512_reduce_add_ps(_mm512_add_ps(acc[g][0], acc[g][1])) * inv_w;
-    vr[g] = _mm512_set1_ps(1.0f / std::sqrt(var + eps));
-  }
-  // Pass 3: scale, affine, activation, store.
-  for (i = 0; i < padded; i += 16) {
-    const __mmask16 m = i < full ? static_cast<__mmask16>(0xFFFF) : tail;
-    const __m512 wv = _mm512_loadu_ps(w + i), bv = _mm512_loadu_ps(b + i);
-    for (int g = 0; g < G; ++g) {
-      __m512 v = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_load_ps(buf + g * padded + i), vr[g]), wv, bv);
-      Store<T, NativeBf16>::run(y + g * ys + i, m, v_act<A>(v));
-    }
-  }
-}
-
-constexpr int kGroup = 4;
 
 template <typename T, Act A, bool NativeBf16>
 PGF_INL(PGF_TGT) void avx512_rows_body(const void* xv, void* yv, const float* w, const float* b, int64_t r0,
@@ -357,8 +130,8 @@ PGF_INL(PGF_TGT) void avx512_rows_body(const void* xv, void* yv, const float* w,
   const int64_t padded = (width + 15) & ~int64_t(15);
   int64_t r = r0;
   for (; r + kGroup <= r1; r += kGroup)
-    avx512_group<T, A, NativeBf16, kGroup>(x + r * xs, y + r * ys, xs, ys, w, b, width, padded, eps, buf);
-  for (; r < r1; ++r) avx512_group<T, A, NativeBf16, 1>(x + r * xs, y + r * ys, xs, ys, w, b, width, padded, eps, buf);
+    avx512_group<T, T, A, NativeBf16, kGroup>(x + r * xs, y + r * ys, xs, ys, w, b, width, padded, eps, buf);
+  for (; r < r1; ++r) avx512_group<T, T, A, NativeBf16, 1>(x + r * xs, y + r * ys, xs, ys, w, b, width, padded, eps, buf);
 }
 
 template <typename T, Act A>
@@ -376,23 +149,6 @@ void avx512bf16_rows_impl(const void* x, void* y, const float* w,
 }
 
 #pragma GCC pop_options
-
-bool cpu_has_avx512() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  }();
-  return ok;
-}
-
-bool cpu_has_avx512bf16() {
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16") && !std::getenv("PGF_CPU_OPS_NO_AVX512BF16");
-  }();
-  return ok;
-}
 
 void avx512_rows(const void* x, void* y, const float* w, const float* b, int64_t r0, int64_t r1, int64_t width,
                  int64_t xs, int64_t ys, DType dt, float eps, Act act, float* buf) {

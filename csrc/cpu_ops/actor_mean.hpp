@@ -1,0 +1,31 @@
+// The actor's mean action, tanh(MLP(s)), as one fused CPU pass over blocks of rows (AMX-BF16 for the hidden GEMMs).
+// No torch headers: callers pass raw pointers (see bindings.cpp and polygrad_fast/cpu_actor.py).
+#pragma once
+
+#include <cstdint>
+
+namespace pgf_ops {
+
+// For each row r of states [rows, obs_dim] (fp32):
+//   z_0 = bf16(s_r);  h_1 = W_in z_0 + b_in;  z_1 = bf16(ELU(LN_0(h_1)))
+//   h_{l+1} = W_l z_l + b_l,  z_{l+1} = bf16(ELU(LN_l(h_{l+1})))     for l = 1 .. layers - 1
+//   mean[r, :] = tanh(W_out z_layers + b_out)                        (fp32, [rows, act_dim])
+// where bf16() rounds to nearest even, the h and the output are accumulated in fp32, and LN_l is LayerNorm over
+// `hidden` (fp32, two passes, eps) with affine ln_w[l], ln_b[l] ([layers, hidden] fp32). Every weight matrix W [N, K]
+// is given as bf16 bits in AMX's VNNI tile order, [N / 16][K / 2][16][2] with entry (nb, kp, n, j) = W[16 nb + n]
+// [2 kp + j], zero-padded to K a multiple of 32 and N of 16:
+//   w_in: W_in [hidden, obs_dim padded to a multiple of 32], b_in [hidden] fp32;
+//   w_hidden: the layers - 1 matrices W_l [hidden, hidden] one after the other, b_hidden [layers - 1, hidden] fp32;
+//   w_out: W_out [act_dim padded to a multiple of 16, hidden], b_out [that padded act_dim] fp32 (padding 0).
+// Needs hidden % 32 == 0 and actor_mean_available(); rows split over `threads` OpenMP threads in blocks of 32
+// (results do not depend on `threads`).
+void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
+                const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
+                const uint16_t* w_hidden, const float* b_hidden, const uint16_t* w_out, const float* b_out,
+                float* mean, int threads);
+
+// Whether actor_mean can run here: AMX-TILE + AMX-BF16 + AVX-512 (F/BW/VL/DQ, BF16) on the CPU, tile data enabled
+// by the OS and granted to this process (arch_prctl), and PGF_CPU_OPS_NO_AMX unset.
+bool actor_mean_available();
+
+}  // namespace pgf_ops

@@ -1,0 +1,194 @@
+"""The fused native actor mean (polygrad_fast.cpu_actor) against its plain-torch twin, and its use by the sampler.
+
+Tolerances: the kernel and the twin round at the same points (bf16 weights, states and post-ELU activations) and
+differ only in fp32 summation order (AMX tile products vs torch's GEMM), a few fp32 ulps. Such a difference can
+tip one activation's bf16 rounding (one bf16 ulp, 2^-8 relative), which moves the outputs downstream of it by up to
+~1e-3 (measured: max 1.1e-3 at 2,560 rows, 2.3e-3 at 10,240, 2.8e-3 at hidden 1024; 0.5-2% of outputs off by more
+than 1e-5, mean 1e-6 to 2e-5). So: every |diff| <= 8e-3, at most 5% of outputs beyond 1e-5, mean <= 5e-5. A wrong
+weight layout, a dropped bias or a wrong eps moves nearly every output by > 1e-3.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from polygrad_fast import cpu_actor
+from polygrad_fast.cpu_layer_norm import fuse_layer_norm_acts
+from polygrad_fast.noise import SamplerNoise
+from polygrad_fast.normalizer import Normalizer
+from polygrad_fast.policy import Actor, Critic
+from polygrad_fast.sampler import FastGuidedSampler
+from polygrad_fast.schedule import NoiseSchedule
+from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
+
+needs_amx = pytest.mark.skipif(not cpu_actor.available(), reason="the fused actor kernel needs AMX-BF16")
+
+
+def _actor(obs_dim, act_dim, hidden, layers, seed=1):
+    torch.manual_seed(seed)
+    actor = Actor(obs_dim, act_dim, hidden, layers).eval()
+    with torch.no_grad():  # move LayerNorm affines and biases off their 1 / 0 init so each one matters
+        for p in actor.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return actor
+
+
+def _assert_close_to_twin(got, want):
+    d = (got - want).abs()
+    assert d.max().item() <= 8e-3, d.max().item()
+    assert (d > 1e-5).float().mean().item() <= 0.05
+    assert d.mean().item() <= 5e-5
+
+
+# (obs_dim, act_dim, hidden, layers, rows): odd rows and tails of the 32-row blocks, H = 1 style single rows,
+# non-power-of-2 widths, obs_dim above one 32-wide tile, act_dim above one 16-wide tile, 1 and 3 hidden layers.
+SHAPES = [(11, 3, 256, 2, 2560), (11, 3, 256, 2, 2565), (1, 1, 32, 1, 1), (17, 6, 96, 3, 33), (5, 2, 64, 2, 7),
+          (40, 17, 160, 2, 50), (3, 1, 1024, 2, 300)]
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"O{o}-A{a}-h{h}-L{l}-r{r}" for o, a, h, l, r in SHAPES])
+def test_kernel_matches_twin(shape):
+    obs_dim, act_dim, hidden, layers, rows = shape
+    actor = _actor(obs_dim, act_dim, hidden, layers)
+    states = torch.randn(rows, obs_dim, generator=torch.Generator().manual_seed(2)) * 2
+    with torch.inference_mode():
+        mean, std = cpu_actor.FusedActor(actor)(states)
+        want = cpu_actor.actor_mean_reference(actor, states)
+    assert mean.shape == (rows, act_dim) and mean.dtype == torch.float32
+    _assert_close_to_twin(mean, want)
+    torch.testing.assert_close(std, actor.std().expand(rows, act_dim))
+
+
+def test_twin_is_the_actor_in_bf16():
+    """The twin itself: the actor's own fp32 forward up to bf16 rounding (~1e-2 on tanh outputs), on any CPU."""
+    actor = _actor(11, 3, 256, 2)
+    states = torch.randn(500, 11) * 2
+    with torch.no_grad():
+        d = (cpu_actor.actor_mean_reference(actor, states) - actor(states)[0]).abs()
+    assert d.max().item() < 0.05 and d.mean().item() < 5e-3
+
+
+@needs_amx
+def test_batch_dims_threads_and_empty():
+    actor = _actor(11, 3, 64, 2)
+    fused = cpu_actor.FusedActor(actor)
+    states = torch.randn(7, 10, 11)
+    before = torch.get_num_threads()
+    with torch.inference_mode():
+        try:
+            torch.set_num_threads(1)
+            one = fused(states)[0]
+        finally:
+            torch.set_num_threads(before)
+        many = fused(states)[0]
+        assert one.shape == (7, 10, 3)
+        assert torch.equal(one, many)  # rows are independent: the bits do not depend on the thread count
+        assert torch.equal(fused(states[:, 3])[0], many[:, 3])
+        assert fused(torch.empty(0, 11))[0].shape == (0, 3)
+
+
+@needs_amx
+def test_nan_state_gives_nan_mean_in_its_row_only():
+    actor = _actor(11, 3, 64, 2)
+    states = torch.randn(40, 11)
+    states[5, 2] = float("nan")
+    with torch.inference_mode():
+        mean = cpu_actor.FusedActor(actor)(states)[0]
+    assert mean[5].isnan().all()
+    assert mean[torch.arange(40) != 5].isfinite().all()
+
+
+@needs_amx
+def test_refresh_follows_weight_changes():
+    actor = _actor(11, 3, 64, 2)
+    fused = cpu_actor.FusedActor(actor)
+    states = torch.randn(64, 11)
+    with torch.no_grad():
+        actor.mlp[3].weight.mul_(-1.5)
+        actor.mlp[1].bias.add_(0.3)
+    fused.refresh()
+    with torch.inference_mode():
+        _assert_close_to_twin(fused(states)[0], cpu_actor.actor_mean_reference(actor, states))
+
+
+@needs_amx
+def test_fused_layer_norm_copy_and_compile():
+    """The sampler's bf16 copy has its LayerNorm + ELU pairs fused (cpu_layer_norm); the kernel reads it the same,
+    and the op runs inside a torch.compile'd graph."""
+    actor = _actor(11, 3, 256, 2)
+    copy = _actor(11, 3, 256, 2).to(torch.bfloat16)
+    assert fuse_layer_norm_acts(copy) == 2
+    states = torch.randn(300, 11)
+    with torch.inference_mode():
+        eager = cpu_actor.FusedActor(copy)(states)[0]
+        compiled = torch.compile(cpu_actor.FusedActor(copy))(states)[0]
+        _assert_close_to_twin(eager, cpu_actor.actor_mean_reference(actor, states))
+    assert torch.equal(eager, compiled)
+
+
+def test_fusable_only_for_the_kernels_networks():
+    assert not cpu_actor.fusable(Critic(11))
+    assert not cpu_actor.fusable(Actor(11, 3, hidden=48))  # not a multiple of 32
+    relu = Actor(11, 3, hidden=64)
+    relu.mlp[2] = nn.ReLU()
+    assert not cpu_actor.fusable(relu)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cpu_actor.FusedActor(Actor(11, 3, hidden=48))
+    assert cpu_actor.fusable(Actor(11, 3, hidden=64)) == cpu_actor.available()
+
+
+@needs_amx
+def test_bad_states_are_rejected():
+    fused = cpu_actor.FusedActor(_actor(11, 3, 64, 2))
+    with pytest.raises(TypeError, match="float32 CPU tensor, got torch.float64"):
+        fused(torch.randn(4, 11, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"states must be \[\.\.\., 11\], got \[4, 12\]"):
+        fused(torch.randn(4, 12))
+
+
+def test_amx_can_be_switched_off():
+    code = "from polygrad_fast import cpu_actor; print(cpu_actor.available())"
+    out = subprocess.run([sys.executable, "-c", code], env={"PGF_CPU_OPS_NO_AMX": "1", "PATH": ""},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_pays_off_check_keeps_the_global_rng():
+    actor = Actor(11, 3, hidden=96).to(torch.bfloat16)  # a shape no other test measured (lru_cache)
+    torch.manual_seed(3)
+    want = torch.rand(3)
+    torch.manual_seed(3)
+    cpu_actor.fused_actor_pays_off(actor)
+    assert torch.equal(torch.rand(3), want)
+
+
+@needs_amx
+@pytest.mark.parametrize("compile", [False, True])
+def test_sampler_uses_it_and_follows_the_live_policy(compile):
+    """bf16 sampler with the fused actor vs without (same noise): the same trajectories up to the twin's
+    tolerance compounded over the chain, and both follow a change of the user's policy weights."""
+    torch.manual_seed(0)
+    H, O, A = 5, 11, 3
+    denoiser = ResidualMLPDenoiser(H, O + 2, A, MLPDenoiserConfig(hidden_dim=64, num_layers=2)).eval()
+    policy = _actor(O, A, 64, 2)
+    rng = np.random.default_rng(0)
+    normalizer = Normalizer({"observations": (rng.normal(size=O), rng.uniform(0.5, 2.0, O)),
+                             "actions": (np.zeros(A), np.ones(A)), "rewards": (0.0, 1.0), "terminals": (0.0, 1.0)})
+    kw = dict(denoiser_dtype="bfloat16", compile=compile, backend="torch", guidance_scale=0.05)
+    fused = FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, **kw)
+    plain = FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, cpu_fuse_actor=False, **kw)
+    assert fused._fused_actor is not None and plain._fused_actor is None
+    start = torch.randn(37, O)
+    for _ in range(2):
+        noise = SamplerNoise.draw(8, 37, H, O + 2, A, generator=torch.Generator().manual_seed(4))
+        a, b = fused.sample(start, noise=noise), plain.sample(start, noise=noise)
+        d = (a.actions - b.actions).abs()
+        assert d.max().item() < 0.05 and d.mean().item() < 2e-3
+        with torch.no_grad():
+            policy.mlp[-1].bias.add_(0.5)  # a large change of the mean action: both samplers must follow it
