@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension
-from .backend import choose_fastest, min_time
+from .backend import choose_fastest, cpu_isa, min_time
 from .cpu_layer_norm import FusedLayerNormAct
 from .policy import Actor
 
@@ -36,9 +36,10 @@ HIDDEN_MULTIPLE = 32  # the kernel's AMX tiles: 16 x 32 bf16 operands, 16-column
 
 
 def available() -> bool:
-    """True when the native kernel can run in this process (extension loaded, AMX-BF16 usable, PGF_CPU_OPS_NO_AMX
-    unset)."""
-    return _module is not None and bool(_module.actor_mean_available())
+    """True when the native kernel can run in this process: extension loaded, AMX-BF16 usable, PGF_CPU_OPS_NO_AMX
+    unset, and ``backend.cpu_isa()`` is 'AMX' (so capping oneDNN with ONEDNN_MAX_CPU_ISA to rehearse another CPU
+    turns the kernel off too)."""
+    return _module is not None and bool(_module.actor_mean_available()) and cpu_isa() == "AMX"
 
 
 def _mlp_layers(actor: Actor) -> tuple[list[nn.Linear], list[nn.LayerNorm]] | None:

@@ -152,10 +152,11 @@ def test_bad_states_are_rejected():
         fused(torch.randn(4, 12))
 
 
-def test_amx_can_be_switched_off():
+@pytest.mark.parametrize("env", [{"PGF_CPU_OPS_NO_AMX": "1"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}])
+def test_amx_can_be_switched_off(env):
     code = "from polygrad_fast import cpu_actor; print(cpu_actor.available())"
-    out = subprocess.run([sys.executable, "-c", code], env={"PGF_CPU_OPS_NO_AMX": "1", "PATH": ""},
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PATH": ""}, capture_output=True, text=True,
+                         check=True)
     assert out.stdout.strip() == "False"
 
 
