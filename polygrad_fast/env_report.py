@@ -22,10 +22,14 @@ def _version(module: str) -> str:
 
 
 def _cpu_ops_report(mod, error: str | None) -> dict:
-    """Fused CPU kernels (polygrad_fast._cpu_ops): availability, the LayerNorm kernel's ISA, OpenMP."""
+    """Fused CPU kernels (polygrad_fast._cpu_ops): availability, the LayerNorm kernel's ISA, whether the fused actor
+    kernel (AMX) runs here, OpenMP."""
     if mod is None:
         return {"available": False, "error": error}
-    return {"available": True, "layer_norm_act_isa": mod.isa(), "openmp": mod.openmp()}
+    from . import cpu_actor
+
+    return {"available": True, "layer_norm_act_isa": mod.isa(), "actor_mean_amx": cpu_actor.available(),
+            "openmp": mod.openmp()}
 
 
 def collect() -> dict:

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+from polygrad_fast import cpu_actor
+
 
 def test_env_report_json():
     out = subprocess.run([sys.executable, "-m", "polygrad_fast.env_report", "--json"], check=True,
@@ -18,6 +20,7 @@ def test_env_report_json():
     assert ops["available"] is (report["backends"]["cpu_kernels_and_noise"] == "native C++")
     if ops["available"]:
         assert ops["layer_norm_act_isa"] and isinstance(ops["openmp"], bool)
+        assert ops["actor_mean_amx"] == cpu_actor.available()
     else:
         assert ops["error"]
 
