@@ -109,9 +109,38 @@ def _check_states(states: torch.Tensor, obs_dim: int) -> None:
         raise ValueError(f"actor_mean: states must be [..., {obs_dim}], got {list(states.shape)}")
 
 
-def _actor_mean_impl(states, act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden, w_out, b_out, eps):
-    _check_states(states, obs_dim)
+def _check_weights(act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden, w_out, b_out) -> tuple[int, int]:
+    """(layers, hidden) after checking every weight tensor against the layout ``FusedActor`` builds (the kernel
+    reads them through raw pointers, so a wrong size would read out of bounds): ValueError saying which."""
+    if ln_w.dim() != 2:
+        raise ValueError(f"actor_mean: ln_w must be [layers, hidden], got {list(ln_w.shape)}")
     layers, hidden = ln_w.shape
+    ap, kp = _round_up(act_dim, 16), _round_up(obs_dim, 32)
+    want = {"w_in": ((hidden // 16, kp // 2, 16, 2), torch.bfloat16), "b_in": ((hidden,), torch.float32),
+            "ln_w": ((layers, hidden), torch.float32), "ln_b": ((layers, hidden), torch.float32),
+            "w_hidden": ((layers - 1, hidden // 16, hidden // 2, 16, 2), torch.bfloat16),
+            "b_hidden": ((layers - 1, hidden), torch.float32),
+            "w_out": ((ap // 16, hidden // 2, 16, 2), torch.bfloat16), "b_out": ((ap,), torch.float32)}
+    given = dict(w_in=w_in, b_in=b_in, ln_w=ln_w, ln_b=ln_b, w_hidden=w_hidden, b_hidden=b_hidden, w_out=w_out,
+                 b_out=b_out)
+    if layers < 1 or hidden < HIDDEN_MULTIPLE or hidden % HIDDEN_MULTIPLE or obs_dim < 1 or act_dim < 1:
+        raise ValueError(f"actor_mean: need layers, obs_dim, act_dim >= 1 and hidden a multiple of "
+                         f"{HIDDEN_MULTIPLE}, got layers {layers}, hidden {hidden}, obs_dim {obs_dim}, "
+                         f"act_dim {act_dim}")
+    for name, (shape, dtype) in want.items():
+        t = given[name]
+        if tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
+            raise ValueError(f"actor_mean: {name} must be a contiguous {dtype} CPU tensor of shape {list(shape)}, "
+                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    return layers, hidden
+
+
+def _actor_mean_impl(states, act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden, w_out, b_out, eps):
+    if not available():
+        raise RuntimeError("actor_mean: the fused actor kernel does not run here (it needs polygrad_fast._cpu_ops "
+                           "and an AMX-BF16 CPU; see cpu_actor.available()); use the actor itself")
+    _check_states(states, obs_dim)
+    layers, hidden = _check_weights(act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden, w_out, b_out)
     states = states.contiguous()
     mean = states.new_empty(*states.shape[:-1], act_dim)
     rows = states.numel() // obs_dim
@@ -125,8 +154,8 @@ def _actor_mean_impl(states, act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden,
 
 # Plain torch.library registration (as cpu_layer_norm's op): ~6 µs of dispatch per call; opaque to torch.compile.
 _LIB = torch.library.Library("polygrad_fast", "FRAGMENT")
-_LIB.define("actor_mean(Tensor states, int act_dim, int obs_dim, Tensor w_in, Tensor b_in, Tensor ln_w, Tensor ln_b, Tensor w_hidden, "
-            "Tensor b_hidden, Tensor w_out, Tensor b_out, float eps) -> Tensor")
+_LIB.define("actor_mean(Tensor states, int act_dim, int obs_dim, Tensor w_in, Tensor b_in, Tensor ln_w, "
+            "Tensor ln_b, Tensor w_hidden, Tensor b_hidden, Tensor w_out, Tensor b_out, float eps) -> Tensor")
 _LIB.impl("actor_mean", _actor_mean_impl, "CompositeExplicitAutograd")
 
 
@@ -136,7 +165,7 @@ def _(states, act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden, w_ou
 
 
 # actor_mean(states [..., O] fp32, A, O, the FusedActor's packed weights..., eps) -> mean [..., A] fp32. Native only
-# (callers check ``available()``); no autograd.
+# (RuntimeError where ``available()`` is False); no autograd.
 actor_mean = torch.ops.polygrad_fast.actor_mean
 
 
@@ -184,8 +213,8 @@ class FusedActor(nn.Module):
         self.b_out.zero_()[: self.act_dim].copy_(_bf16(linears[-1].bias))
 
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = actor_mean(states, self.act_dim, self.obs_dim, self.w_in, self.b_in, self.ln_w, self.ln_b, self.w_hidden, self.b_hidden,
-                          self.w_out, self.b_out, self.eps)
+        mean = actor_mean(states, self.act_dim, self.obs_dim, self.w_in, self.b_in, self.ln_w, self.ln_b,
+                          self.w_hidden, self.b_hidden, self.w_out, self.b_out, self.eps)
         return mean, self.actor.std().float().expand_as(mean)
 
 

@@ -150,6 +150,14 @@ def test_bad_states_are_rejected():
         fused(torch.randn(4, 11, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"states must be \[\.\.\., 11\], got \[4, 12\]"):
         fused(torch.randn(4, 12))
+    # weights that do not match the layout would be read out of bounds: the op refuses them
+    weights = [fused.w_in, fused.b_in, fused.ln_w, fused.ln_b, fused.w_hidden, fused.b_hidden, fused.w_out,
+               fused.b_out]
+    with pytest.raises(ValueError, match=r"w_out must be a contiguous torch.bfloat16 CPU tensor of shape"):
+        cpu_actor.actor_mean(torch.randn(4, 11), 3, 11, *weights[:6], fused.w_out[:, :16], fused.b_out, 1e-3)
+    with pytest.raises(ValueError, match=r"w_in must be .* \[4, 32, 16, 2\], got torch.bfloat16 \[4, 16, 16, 2\]"):
+        cpu_actor.actor_mean(torch.randn(4, 40), 3, 40, *weights, 1e-3)  # 40 observations need two 32-wide tiles
+
 
 
 @pytest.mark.parametrize("env", [{"PGF_CPU_OPS_NO_AMX": "1"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}])

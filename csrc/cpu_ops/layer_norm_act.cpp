@@ -131,20 +131,19 @@ PGF_INL(PGF_TGT) void avx512_rows_body(const void* xv, void* yv, const float* w,
   int64_t r = r0;
   for (; r + kGroup <= r1; r += kGroup)
     avx512_group<T, T, A, NativeBf16, kGroup>(x + r * xs, y + r * ys, xs, ys, w, b, width, padded, eps, buf);
-  for (; r < r1; ++r) avx512_group<T, T, A, NativeBf16, 1>(x + r * xs, y + r * ys, xs, ys, w, b, width, padded, eps, buf);
+  for (; r < r1; ++r)
+    avx512_group<T, T, A, NativeBf16, 1>(x + r * xs, y + r * ys, xs, ys, w, b, width, padded, eps, buf);
 }
 
 template <typename T, Act A>
-void avx512_rows_impl(const void* x, void* y, const float* w, const float* b,
-                                                       int64_t r0, int64_t r1, int64_t width, int64_t xs, int64_t ys,
-                                                       float eps, float* buf) {
+void avx512_rows_impl(const void* x, void* y, const float* w, const float* b, int64_t r0, int64_t r1, int64_t width,
+                      int64_t xs, int64_t ys, float eps, float* buf) {
   avx512_rows_body<T, A, false>(x, y, w, b, r0, r1, width, xs, ys, eps, buf);
 }
 
 template <Act A>
-void avx512bf16_rows_impl(const void* x, void* y, const float* w,
-                                                                const float* b, int64_t r0, int64_t r1, int64_t width,
-                                                                int64_t xs, int64_t ys, float eps, float* buf) {
+void avx512bf16_rows_impl(const void* x, void* y, const float* w, const float* b, int64_t r0, int64_t r1,
+                          int64_t width, int64_t xs, int64_t ys, float eps, float* buf) {
   avx512_rows_body<uint16_t, A, true>(x, y, w, b, r0, r1, width, xs, ys, eps, buf);
 }
 

@@ -172,9 +172,9 @@ PGF_INL(PGF_TGT) __m512 v_act(__m512 v) {
   else return v;
 }
 
-// G rows at once (x in TIn, y in TOut: fp32 or bf16), interleaved vector by vector, so the per-row dependency chains (horizontal sums, sqrt, divide)
-// of neighbouring rows overlap. buf holds G scratch rows of `padded` floats (64-byte aligned). w and b are padded
-// fp32 rows (ones / zeros when absent: v * 1 + 0 is v).
+// G rows at once (x in TIn, y in TOut: fp32 or bf16), interleaved vector by vector, so the per-row dependency
+// chains (horizontal sums, sqrt, divide) of neighbouring rows overlap. buf holds G scratch rows of `padded` floats
+// (64-byte aligned). w and b are padded fp32 rows (ones / zeros when absent: v * 1 + 0 is v).
 template <typename TIn, typename TOut, Act A, bool NativeBf16, int G>
 PGF_INL(PGF_TGT) void avx512_group(const TIn* __restrict x, TOut* __restrict y, int64_t xs, int64_t ys,
                                    const float* __restrict w, const float* __restrict b, int64_t width,
