@@ -31,7 +31,9 @@ namespace pgf_ops {
 namespace {
 
 constexpr int64_t kBlockRows = 32;  // two 16-row AMX tiles
-constexpr int64_t kSerialRows = 128;  // below this many rows the calling thread does all (waking workers costs more)
+// Below this many rows the calling thread does all: waking a worker costs about what it saves (hidden 256, 1 vs 2
+// threads, whole op: 96 rows 67 vs 69 us, 128 rows 79 vs 60 us, 256 rows 119 vs 81 us).
+constexpr int64_t kSerialRows = 128;
 
 #if PGF_X86
 #pragma GCC push_options
