@@ -10,18 +10,13 @@
 // tanh on the output.
 #include "actor_mean.hpp"
 
+#include "amx_gemm.hpp"
 #include "row_kernels.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <vector>
-
-#if PGF_X86
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -38,67 +33,6 @@ constexpr int64_t kSerialRows = 128;
 #if PGF_X86
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16,amx-tile,amx-bf16")
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles 0-3: the 2 x 2 fp32 accumulators of a 32 x 32 output block; 4, 5: two 16 x 32 bf16 row tiles of the
-// operand; 6, 7: two 32 x 16 bf16 column tiles of the weight (VNNI pairs). All are 16 rows of 64 bytes.
-void configure_tiles() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
-}
-
-// out [32, n] fp32 = a [32, k] bf16 x W^T + bias, W [n, k] in VNNI tile order (actor_mean.hpp); k % 32 == 0,
-// n % 16 == 0. 32 output columns at a time (4 accumulators), then a 16-column panel if one is left.
-void amx_layer(const uint16_t* a, int64_t k, const uint16_t* w, const float* bias, float* out, int64_t n) {
-  const int64_t a_stride = k * 2, out_stride = n * 4, panel = (k / 2) * 32;  // panel: one 16-column weight block
-  int64_t n0 = 0;
-  for (; n0 + 32 <= n; n0 += 32) {
-    _tile_loadd(0, bias + n0, 0);  // stride 0: every row of the accumulator starts as the bias
-    _tile_loadd(1, bias + n0 + 16, 0);
-    _tile_loadd(2, bias + n0, 0);
-    _tile_loadd(3, bias + n0 + 16, 0);
-    const uint16_t* w0 = w + (n0 / 16) * panel;
-    const uint16_t* w1 = w0 + panel;
-    for (int64_t k0 = 0; k0 < k; k0 += 32) {
-      _tile_loadd(4, a + k0, a_stride);
-      _tile_loadd(5, a + 16 * k + k0, a_stride);
-      _tile_loadd(6, w0 + (k0 / 2) * 32, 64);
-      _tile_loadd(7, w1 + (k0 / 2) * 32, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(1, 4, 7);
-      _tile_dpbf16ps(2, 5, 6);
-      _tile_dpbf16ps(3, 5, 7);
-    }
-    _tile_stored(0, out + n0, out_stride);
-    _tile_stored(1, out + n0 + 16, out_stride);
-    _tile_stored(2, out + 16 * n + n0, out_stride);
-    _tile_stored(3, out + 16 * n + n0 + 16, out_stride);
-  }
-  if (n0 < n) {
-    _tile_loadd(0, bias + n0, 0);
-    _tile_loadd(2, bias + n0, 0);
-    const uint16_t* w0 = w + (n0 / 16) * panel;
-    for (int64_t k0 = 0; k0 < k; k0 += 32) {
-      _tile_loadd(4, a + k0, a_stride);
-      _tile_loadd(5, a + 16 * k + k0, a_stride);
-      _tile_loadd(6, w0 + (k0 / 2) * 32, 64);
-      _tile_dpbf16ps(0, 4, 6);
-      _tile_dpbf16ps(2, 5, 6);
-    }
-    _tile_stored(0, out + n0, out_stride);
-    _tile_stored(2, out + 16 * n + n0, out_stride);
-  }
-}
 
 // z [32, hidden] bf16 = bf16(ELU(LN(h))) for the 32 fp32 rows of h.
 void norm_elu_rows(const float* h, uint16_t* z, const float* w, const float* b, int64_t hidden, float eps,
@@ -144,13 +78,13 @@ void block(const Net& net, const float* states, int64_t r0, int64_t n, float* me
       const __mmask16 m = static_cast<__mmask16>(O - c >= 16 ? 0xFFFFu : (1u << (O - c)) - 1u);
       Store<uint16_t, true>::run(sc.x + i * K + c, m, v_load(states + (r0 + i) * O + c, m));
     }
-  amx_layer(sc.x, K, net.w_in, net.b_in, sc.h, H);
+  amx_gemm(sc.x, kBlockRows, K, net.w_in, H, sc.h, net.b_in, false);
   norm_elu_rows(sc.h, sc.z, net.ln_w, net.ln_b, H, net.eps, sc.norm);
   for (int64_t l = 1; l < net.layers; ++l) {
-    amx_layer(sc.z, H, net.w_hidden + (l - 1) * H * H, net.b_hidden + (l - 1) * H, sc.h, H);
+    amx_gemm(sc.z, kBlockRows, H, net.w_hidden + (l - 1) * H * H, H, sc.h, net.b_hidden + (l - 1) * H, false);
     norm_elu_rows(sc.h, sc.z, net.ln_w + l * H, net.ln_b + l * H, H, net.eps, sc.norm);
   }
-  amx_layer(sc.z, H, net.w_out, net.b_out, sc.h, net.out_cols);
+  amx_gemm(sc.z, kBlockRows, H, net.w_out, net.out_cols, sc.h, net.b_out, false);
   const int64_t A = net.act_dim, P = net.out_cols;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < A; c += 16) {
@@ -179,21 +113,6 @@ void run_blocks(const Net& net, const float* states, int64_t rows, int64_t b0, i
 
 #pragma GCC pop_options
 
-bool amx_usable() {
-  static const bool ok = [] {
-    if (std::getenv("PGF_CPU_OPS_NO_AMX") || !cpu_has_avx512bf16()) return false;
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
-    if (!((d >> 22) & 1u) || !((d >> 24) & 1u)) return false;  // AMX-BF16, AMX-TILE
-    if (!((c >> 27) & 1u)) return false;  // OSXSAVE: xgetbv is available
-    uint32_t lo = 0, hi = 0;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    if ((lo & 0x60000u) != 0x60000u) return false;  // XCR0 bits 17, 18: tile config and tile data enabled
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
 #endif  // PGF_X86
 
 }  // namespace
