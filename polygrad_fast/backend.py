@@ -80,7 +80,9 @@ class ExecutionOptions:
     one native kernel (``polygrad_fast.cpu_layer_norm``): the policy copy always, the denoiser copy only when not
     compiled (inductor already fuses it there). cpu_fuse_actor: a bf16 policy copy that is a polygrad_fast
     ``Actor`` computes its mean action in one native AMX pass (``polygrad_fast.cpu_actor``) where that measured faster
-    on this CPU (``cpu_actor.fused_actor_pays_off``). The user's modules are never changed.
+    on this CPU (``cpu_actor.fused_actor_pays_off``). cpu_fuse_trunk: a bf16 ``ResidualMLPDenoiser`` copy runs
+    its residual trunk as one native AMX pass (``polygrad_fast.cpu_residual_mlp``) where that measured faster
+    (``cpu_residual_mlp.fused_trunk_pays_off``). The user's modules are never changed.
     """
 
     denoiser_dtype: DtypeChoice = "auto"
@@ -91,6 +93,7 @@ class ExecutionOptions:
     cpu_prepack: bool = True
     cpu_fuse_norm_act: bool = True
     cpu_fuse_actor: bool = True
+    cpu_fuse_trunk: bool = True
 
     def __post_init__(self) -> None:
         check_fields(self)

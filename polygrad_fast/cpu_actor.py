@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension
-from .backend import choose_fastest, cpu_isa, min_time
+from .amx_layout import available, bf16_values, check_tensors, require_available, round_up, vnni, vnni_shape
+from .backend import choose_fastest, min_time
 from .cpu_layer_norm import FusedLayerNormAct
 from .policy import Actor
 
@@ -33,13 +34,6 @@ __all__ = ["FusedActor", "actor_mean", "actor_mean_reference", "available", "fus
 
 _module = extension(CPU_OPS)
 HIDDEN_MULTIPLE = 32  # the kernel's AMX tiles: 16 x 32 bf16 operands, 16-column weight tiles in pairs
-
-
-def available() -> bool:
-    """True when the native kernel can run in this process: extension loaded, AMX-BF16 usable, PGF_CPU_OPS_NO_AMX
-    unset, and ``backend.cpu_isa()`` is 'AMX' (so capping oneDNN with ONEDNN_MAX_CPU_ISA to rehearse another CPU
-    turns the kernel off too)."""
-    return _module is not None and bool(_module.actor_mean_available()) and cpu_isa() == "AMX"
 
 
 def _mlp_layers(actor: Actor) -> tuple[list[nn.Linear], list[nn.LayerNorm]] | None:
@@ -72,33 +66,16 @@ def fusable(actor) -> bool:
             and all(p.device.type == "cpu" for p in actor.parameters()))
 
 
-def _bf16(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.bfloat16).float()
-
-
 def actor_mean_reference(actor: Actor, states: torch.Tensor) -> torch.Tensor:
     """Plain-torch twin of the kernel: states [..., O] fp32 -> tanh(MLP(states)) [..., A] fp32 with the kernel's
     rounding points (module docstring), from the actor's own modules."""
     linears, norms = _mlp_layers(actor)
-    z = _bf16(states)
+    z = bf16_values(states)
     for lin, ln in zip(linears, norms):
-        h = F.linear(z, _bf16(lin.weight), _bf16(lin.bias))
-        z = _bf16(F.elu(F.layer_norm(h, (h.shape[-1],), _bf16(ln.weight), _bf16(ln.bias), ln.eps)))
+        h = F.linear(z, bf16_values(lin.weight), bf16_values(lin.bias))
+        z = bf16_values(F.elu(F.layer_norm(h, (h.shape[-1],), bf16_values(ln.weight), bf16_values(ln.bias), ln.eps)))
     out = linears[-1]
-    return torch.tanh(F.linear(z, _bf16(out.weight), _bf16(out.bias)))
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
-def _vnni(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] -> bf16 [N'/16, K'/2, 16, 2] contiguous, zero-padded to N' = N rounded up to 16 and K' to 32: entry
-    (nb, kp, n, j) = W[16 nb + n, 2 kp + j], AMX's tile order for the K x N operand W^T."""
-    n, k = weight.shape
-    w = F.pad(weight.detach().to(torch.bfloat16), (0, _round_up(k, 32) - k, 0, _round_up(n, 16) - n))
-    n, k = w.shape
-    return w.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return torch.tanh(F.linear(z, bf16_values(out.weight), bf16_values(out.bias)))
 
 
 def _check_states(states: torch.Tensor, obs_dim: int) -> None:
@@ -115,30 +92,26 @@ def _check_weights(act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden,
     if ln_w.dim() != 2:
         raise ValueError(f"actor_mean: ln_w must be [layers, hidden], got {list(ln_w.shape)}")
     layers, hidden = ln_w.shape
-    ap, kp = _round_up(act_dim, 16), _round_up(obs_dim, 32)
-    want = {"w_in": ((hidden // 16, kp // 2, 16, 2), torch.bfloat16), "b_in": ((hidden,), torch.float32),
-            "ln_w": ((layers, hidden), torch.float32), "ln_b": ((layers, hidden), torch.float32),
-            "w_hidden": ((layers - 1, hidden // 16, hidden // 2, 16, 2), torch.bfloat16),
-            "b_hidden": ((layers - 1, hidden), torch.float32),
-            "w_out": ((ap // 16, hidden // 2, 16, 2), torch.bfloat16), "b_out": ((ap,), torch.float32)}
-    given = dict(w_in=w_in, b_in=b_in, ln_w=ln_w, ln_b=ln_b, w_hidden=w_hidden, b_hidden=b_hidden, w_out=w_out,
-                 b_out=b_out)
     if layers < 1 or hidden < HIDDEN_MULTIPLE or hidden % HIDDEN_MULTIPLE or obs_dim < 1 or act_dim < 1:
         raise ValueError(f"actor_mean: need layers, obs_dim, act_dim >= 1 and hidden a multiple of "
                          f"{HIDDEN_MULTIPLE}, got layers {layers}, hidden {hidden}, obs_dim {obs_dim}, "
                          f"act_dim {act_dim}")
-    for name, (shape, dtype) in want.items():
-        t = given[name]
-        if tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
-            raise ValueError(f"actor_mean: {name} must be a contiguous {dtype} CPU tensor of shape {list(shape)}, "
-                             f"got {t.dtype} {list(t.shape)} on {t.device}")
+    check_tensors("actor_mean", _layout(obs_dim, act_dim, hidden, layers), dict(
+        w_in=w_in, b_in=b_in, ln_w=ln_w, ln_b=ln_b, w_hidden=w_hidden, b_hidden=b_hidden, w_out=w_out, b_out=b_out))
     return layers, hidden
 
 
+def _layout(obs_dim: int, act_dim: int, hidden: int, layers: int) -> dict:
+    """name -> (shape, dtype) of the kernel's weight tensors."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    return {"w_in": (vnni_shape(hidden, obs_dim), bf16), "b_in": ((hidden,), f32),
+            "ln_w": ((layers, hidden), f32), "ln_b": ((layers, hidden), f32),
+            "w_hidden": ((layers - 1, *vnni_shape(hidden, hidden)), bf16), "b_hidden": ((layers - 1, hidden), f32),
+            "w_out": (vnni_shape(act_dim, hidden), bf16), "b_out": ((round_up(act_dim, 16),), f32)}
+
+
 def _actor_mean_impl(states, act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden, w_out, b_out, eps):
-    if not available():
-        raise RuntimeError("actor_mean: the fused actor kernel does not run here (it needs polygrad_fast._cpu_ops "
-                           "and an AMX-BF16 CPU; see cpu_actor.available()); use the actor itself")
+    require_available("actor_mean")
     _check_states(states, obs_dim)
     layers, hidden = _check_weights(act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden, w_out, b_out)
     states = states.contiguous()
@@ -186,14 +159,7 @@ class FusedActor(nn.Module):
         self.eps = float(norms[0].eps)
         obs_dim, act_dim = linears[0].in_features, linears[-1].out_features
         self.obs_dim, self.act_dim = obs_dim, act_dim
-        for name, shape, dtype in (
-                ("w_in", (hidden // 16, _round_up(obs_dim, 32) // 2, 16, 2), torch.bfloat16),
-                ("b_in", (hidden,), torch.float32),
-                ("ln_w", (layers, hidden), torch.float32), ("ln_b", (layers, hidden), torch.float32),
-                ("w_hidden", (layers - 1, hidden // 16, hidden // 2, 16, 2), torch.bfloat16),
-                ("b_hidden", (layers - 1, hidden), torch.float32),
-                ("w_out", (_round_up(act_dim, 16) // 16, hidden // 2, 16, 2), torch.bfloat16),
-                ("b_out", (_round_up(act_dim, 16),), torch.float32)):
+        for name, (shape, dtype) in _layout(obs_dim, act_dim, hidden, layers).items():
             self.register_buffer(name, torch.empty(shape, dtype=dtype), persistent=False)
         self.refresh()
 
@@ -201,16 +167,16 @@ class FusedActor(nn.Module):
     def refresh(self) -> None:
         """Rebuild the kernel's weights from the actor (in place: a compiled graph keeps reading the same buffers)."""
         linears, norms = _mlp_layers(self.actor)
-        self.w_in.copy_(_vnni(linears[0].weight))
-        self.b_in.copy_(_bf16(linears[0].bias))
+        self.w_in.copy_(vnni(linears[0].weight))
+        self.b_in.copy_(bf16_values(linears[0].bias))
         for i, ln in enumerate(norms):
-            self.ln_w[i].copy_(_bf16(ln.weight))
-            self.ln_b[i].copy_(_bf16(ln.bias))
+            self.ln_w[i].copy_(bf16_values(ln.weight))
+            self.ln_b[i].copy_(bf16_values(ln.bias))
         for i, lin in enumerate(linears[1:-1]):
-            self.w_hidden[i].copy_(_vnni(lin.weight))
-            self.b_hidden[i].copy_(_bf16(lin.bias))
-        self.w_out.copy_(_vnni(linears[-1].weight))
-        self.b_out.zero_()[: self.act_dim].copy_(_bf16(linears[-1].bias))
+            self.w_hidden[i].copy_(vnni(lin.weight))
+            self.b_hidden[i].copy_(bf16_values(lin.bias))
+        self.w_out.copy_(vnni(linears[-1].weight))
+        self.b_out.zero_()[: self.act_dim].copy_(bf16_values(linears[-1].bias))
 
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = actor_mean(states, self.act_dim, self.obs_dim, self.w_in, self.b_in, self.ln_w, self.ln_b,

@@ -186,16 +186,19 @@ def packing_pays_off(rows: int, in_features: int, out_features: int, dtype: torc
     return choose_fastest(timings, prefer="plain") == "packed"
 
 
-def prepack_linears(module: nn.Module, batch_hint: int = 256, min_numel: int = MIN_WEIGHT_NUMEL) -> int:
+def prepack_linears(module: nn.Module, batch_hint: int = 256, min_numel: int = MIN_WEIGHT_NUMEL,
+                    skip: tuple[nn.Module, ...] = ()) -> int:
     """In place: swap every bf16 / fp32 CPU ``nn.Linear`` with >= min_numel weights for a ``PackedLinear`` where
     packing pays off at ``batch_hint`` rows (``prepack_mode()``: 'measure' asks ``packing_pays_off``, 'always' packs
     every such Linear that ``available(dtype)``, 'never' none); returns how many. ``batch_hint``: the rows per
-    call oneDNN picks the blocked layout for (any row count stays correct)."""
+    call oneDNN picks the blocked layout for (any row count stays correct). Submodules in ``skip`` (and below them)
+    are left as they are."""
     mode = prepack_mode()
     if mode == "never":
         return 0
+    skipped = {id(m) for s in skip for m in s.modules()}
     n = 0
-    for parent in list(module.modules()):
+    for parent in [m for m in module.modules() if id(m) not in skipped]:
         for name, child in list(parent._modules.items()):
             if type(child) is not nn.Linear:
                 continue

@@ -23,9 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import cpu_actor, cpu_layer_norm, cpu_packed
+from . import cpu_actor, cpu_layer_norm, cpu_packed, cpu_residual_mlp
 from .backend import ExecutionOptions, check_fields, resolve_dtype, select_backend
-from .denoisers import Denoiser, low_precision_copy
+from .denoisers import Denoiser, ResidualMLPDenoiser, low_precision_copy
 from .guided_step import TORCH_OPS, GuidedStep, change_metrics, check_policy_output, triton_ops
 from .noise import SamplerNoise, fill_standard_normal
 from .normalizer import Normalizer
@@ -246,11 +246,19 @@ class FastGuidedSampler:
         self._policy_copy = (_inference_copy(self.policy).to(self.policy_dtype) if isinstance(self.policy, nn.Module)
                              and (self.policy_dtype != torch.float32 or fuse) else None)
         denoiser_copy = self._denoiser_fast is not self.denoiser
+        # The bf16 MLP denoiser copy's residual trunk in one native AMX pass (its Linears then stay unpacked).
+        self._fused_trunk = None
+        if (ex.cpu_fuse_trunk and denoiser_copy and self.denoiser_dtype == torch.bfloat16
+                and isinstance(self._denoiser_fast, ResidualMLPDenoiser)
+                and cpu_residual_mlp.fused_trunk_pays_off(self._denoiser_fast.trunk)):
+            self._fused_trunk = cpu_residual_mlp.FusedResidualMLP.from_trunk(self._denoiser_fast.trunk)
+            self._denoiser_fast.trunk = self._fused_trunk
         self._packed = []  # copies whose Linears run prepacked (cpu_packed)
         # The denoiser copy only: packing the policy's 256x256 Linear too (B·H rows) made sample() 2-3% slower at
         # B=1024 in an interleaved run (neutral at B=256) while the denoiser alone was 4% faster.
         if (ex.cpu_prepack and cpu and denoiser_copy and cpu_packed.available(self.denoiser_dtype)
-                and cpu_packed.prepack_linears(self._denoiser_fast, batch_hint=256)):
+                and cpu_packed.prepack_linears(self._denoiser_fast, batch_hint=256,
+                                               skip=() if self._fused_trunk is None else (self._fused_trunk,))):
             self._packed.append(self._denoiser_fast)
         fused_denoiser = fused_policy = 0
         if fuse:
@@ -398,8 +406,9 @@ class FastGuidedSampler:
             _copy_weights(self._denoiser_fast, self.denoiser)
         if self._policy_copy is not None:
             _copy_weights(self._policy_copy, self.policy)
-        if self._fused_actor is not None:
-            self._fused_actor.refresh()
+        for fused in (self._fused_actor, self._fused_trunk):
+            if fused is not None:
+                fused.refresh()
         for module in self._packed:
             cpu_packed.refresh(module)
 

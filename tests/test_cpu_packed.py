@@ -91,7 +91,8 @@ def test_packed_residual_is_one_rounding_of_the_exact_sum(rows):
 def _pair(compile=False):
     denoiser, policy = _models()
     samplers = [FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), denoiser_dtype="bfloat16",
-                                  backend="torch", compile=compile, cpu_prepack=flag) for flag in (True, False)]
+                                  backend="torch", compile=compile, cpu_prepack=flag, cpu_fuse_trunk=False)
+                for flag in (True, False)]  # (the fused AMX trunk would replace the packed Linears)
     return denoiser, policy, samplers
 
 
@@ -144,7 +145,7 @@ def test_more_compiled_samplers_reuse_the_graphs():
     for i in range(3):
         denoiser, policy = _models(seed=i)
         sampler = FastGuidedSampler(denoiser, NoiseSchedule(5), policy, make_normalizer(), denoiser_dtype="bfloat16",
-                                    backend="torch", compile=True)
+                                    backend="torch", compile=True, cpu_fuse_trunk=False)
         assert sampler._packed
         outputs.append(sampler.sample(start, noise=noise).observations)
         if i == 0:
@@ -236,7 +237,7 @@ def test_explicit_bf16_sampler_with_default_prepack_runs_on_any_cpu():
     torch.manual_seed(0)
     denoiser = ResidualMLPDenoiser(H, O + 2, A, MLPDenoiserConfig(hidden_dim=256, num_layers=1)).eval()
     sampler = FastGuidedSampler(denoiser, NoiseSchedule(2), Actor(O, A, hidden=16), make_normalizer(),
-                                denoiser_dtype="bfloat16")
+                                denoiser_dtype="bfloat16", cpu_fuse_trunk=False)  # (the AMX trunk packs nothing)
     assert (len(sampler._packed) == 1) == cpu_packed.available()
     out = sampler.sample(torch.randn(3, O))
     assert torch.isfinite(out.observations).all() and torch.isfinite(out.actions).all()

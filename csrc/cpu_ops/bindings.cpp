@@ -9,6 +9,7 @@
 #include "actor_mean.hpp"
 #include "layer_norm_act.hpp"
 #include "normal_noise.hpp"
+#include "residual_mlp.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -84,6 +85,33 @@ PYBIND11_MODULE(_cpu_ops, m) {
       "pointers as integers, all contiguous; raises unless actor_mean_available().");
   m.def("actor_mean_available", &pgf_ops::actor_mean_available,
         "Whether actor_mean can run here (AMX-BF16 usable by this process, PGF_CPU_OPS_NO_AMX unset).");
+  m.def(
+      "residual_mlp",
+      [](uintptr_t x, int64_t rows, int64_t in_dim, int64_t width, int64_t depth, int64_t out_dim, uintptr_t w_in,
+         uintptr_t b_in, uintptr_t ln_w, uintptr_t ln_b, double eps, uintptr_t w_blocks, uintptr_t b_blocks,
+         uintptr_t w_out, uintptr_t b_out, uintptr_t out, int threads) {
+        if (!pgf_ops::residual_mlp_available()) throw py::value_error("residual_mlp: AMX-BF16 is not usable here");
+        if (rows < 0 || in_dim < 1 || depth < 0 || out_dim < 1 || width < 32 || width % 32)
+          throw py::value_error("residual_mlp: need rows >= 0, in_dim, out_dim >= 1, depth >= 0 and width a "
+                                "multiple of 32, got rows " + std::to_string(rows) + ", in_dim " +
+                                std::to_string(in_dim) + ", width " + std::to_string(width) + ", depth " +
+                                std::to_string(depth) + ", out_dim " + std::to_string(out_dim));
+        if (rows > 0 && (!x || !out || !w_in || !b_in || !ln_w || !ln_b || !w_out || !b_out ||
+                         (depth > 0 && (!w_blocks || !b_blocks))))
+          throw py::value_error("residual_mlp: null data pointer");
+        py::gil_scoped_release release;
+        pgf_ops::residual_mlp(reinterpret_cast<const uint16_t*>(x), rows, in_dim, width, depth, out_dim,
+                              reinterpret_cast<const uint16_t*>(w_in), reinterpret_cast<const float*>(b_in),
+                              reinterpret_cast<const float*>(ln_w), reinterpret_cast<const float*>(ln_b),
+                              static_cast<float>(eps), reinterpret_cast<const uint16_t*>(w_blocks),
+                              reinterpret_cast<const float*>(b_blocks), reinterpret_cast<const uint16_t*>(w_out),
+                              reinterpret_cast<const float*>(b_out), reinterpret_cast<uint16_t*>(out), threads);
+      },
+      py::arg("x"), py::arg("rows"), py::arg("in_dim"), py::arg("width"), py::arg("depth"), py::arg("out_dim"),
+      py::arg("w_in"), py::arg("b_in"), py::arg("ln_w"), py::arg("ln_b"), py::arg("eps"), py::arg("w_blocks"),
+      py::arg("b_blocks"), py::arg("w_out"), py::arg("b_out"), py::arg("out"), py::arg("threads"),
+      "out [rows, out_dim] bf16 = the residual MLP trunk on x [rows, in_dim] bf16, as in "
+      "csrc/cpu_ops/residual_mlp.hpp; pointers as integers, all contiguous; raises unless AMX-BF16 is usable.");
   m.def(
       "normal_fill",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, int threads) {

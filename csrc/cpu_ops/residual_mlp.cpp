@@ -1,0 +1,139 @@
+// The residual trunk in one fused pass. See residual_mlp.hpp.
+//
+// Why: run as torch ops, each of the trunk's 8 GEMMs is one oneDNN call from Python and each LayerNorm + ReLU one
+// pass of inductor's code over [B, width]; at the paper's Hopper shapes (width 1024, 6 blocks, B = 256) the
+// LayerNorms and the Python around the GEMMs cost about 0.66 ms per reverse step next to the GEMMs' 1.6 ms. Here each
+// thread takes a contiguous range of rows and runs it, a chunk at a time, through every layer with no barrier between
+// layers: the GEMM panel-outer over the chunk's 32-row blocks (amx_gemm.hpp), the residual add in the accumulators,
+// the bias and LayerNorm + ReLU (row_kernels.hpp) on rows still in L2, writing the bf16 operand of the next GEMM.
+#include "residual_mlp.hpp"
+
+#include "amx_gemm.hpp"
+#include "row_kernels.hpp"
+
+#include <algorithm>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pgf_ops {
+namespace {
+
+constexpr int64_t kBlock = 32;       // rows per AMX block (two 16-row tiles)
+constexpr int64_t kChunkRows = 128;  // rows a thread carries through all layers at once (its h and z stay in L2)
+
+#if PGF_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16,amx-tile,amx-bf16")
+
+struct Trunk {
+  int64_t in_dim, in_cols, width, depth, out_dim, out_cols;
+  const uint16_t* w_in;
+  const float *b_in, *ln_w, *ln_b;
+  float eps;
+  const uint16_t* w_blocks;
+  const float* b_blocks;
+  const uint16_t* w_out;
+  const float* b_out;
+};
+
+struct Scratch {  // one thread's, 64-byte aligned, kChunkRows rows each
+  uint16_t *x, *z;  // [rows, in_cols], [rows, width] bf16
+  float *h, *o, *norm;  // [rows, width], [rows, out_cols] fp32; kGroup rows for the LayerNorm kernel
+};
+
+// z = bf16(relu(LN(h))) for `rows` (a multiple of kGroup) fp32 rows of h.
+void norm_relu(const float* h, uint16_t* z, int64_t rows, const float* w, const float* b, int64_t width, float eps,
+               float* scratch) {
+  for (int64_t r = 0; r < rows; r += kGroup)
+    avx512_group<float, uint16_t, Act::Relu, true, kGroup>(h + r * width, z + r * width, width, width, w, b, width,
+                                                           width, eps, scratch);
+}
+
+void add_bias(float* h, int64_t rows, const float* b, int64_t width) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < width; c += 16) {
+      float* p = h + r * width + c;
+      _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), _mm512_loadu_ps(b + c)));
+    }
+}
+
+// Rows [r0, r0 + n) of x through the trunk into out; n <= kChunkRows, the padding up to whole blocks is zero input.
+void chunk(const Trunk& t, const uint16_t* x, int64_t r0, int64_t n, uint16_t* out, const Scratch& sc) {
+  const int64_t W = t.width, K = t.in_cols, rows = (n + kBlock - 1) / kBlock * kBlock;
+  std::fill(sc.x, sc.x + rows * K, uint16_t(0));
+  for (int64_t i = 0; i < n; ++i) std::copy(x + (r0 + i) * t.in_dim, x + (r0 + i + 1) * t.in_dim, sc.x + i * K);
+  amx_gemm(sc.x, rows, K, t.w_in, W, sc.h, t.b_in, false);
+  for (int64_t k = 0; k < t.depth; ++k) {
+    norm_relu(sc.h, sc.z, rows, t.ln_w + k * W, t.ln_b + k * W, W, t.eps, sc.norm);
+    amx_gemm(sc.z, rows, W, t.w_blocks + k * W * W, W, sc.h, nullptr, true);  // h += W_k z: the residual add
+    add_bias(sc.h, rows, t.b_blocks + k * W, W);
+  }
+  norm_relu(sc.h, sc.z, rows, t.ln_w + t.depth * W, t.ln_b + t.depth * W, W, t.eps, sc.norm);
+  amx_gemm(sc.z, rows, W, t.w_out, t.out_cols, sc.o, t.b_out, false);
+  const __mmask16 tail = static_cast<__mmask16>(t.out_dim % 16 ? (1u << (t.out_dim % 16)) - 1u : 0xFFFFu);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < t.out_dim; c += 16) {
+      const __mmask16 m = c + 16 <= t.out_dim ? static_cast<__mmask16>(0xFFFF) : tail;
+      Store<uint16_t, true>::run(out + (r0 + i) * t.out_dim + c, m, _mm512_maskz_loadu_ps(m, sc.o + i * t.out_cols + c));
+    }
+}
+
+// Rows [r_lo, r_hi) on the calling thread, kChunkRows at a time (its own tile configuration and scratch).
+void run_rows(const Trunk& t, const uint16_t* x, int64_t r_lo, int64_t r_hi, uint16_t* out) {
+  if (r_lo >= r_hi) return;
+  const int64_t C = kChunkRows;
+  std::vector<uint16_t> xb(C * t.in_cols + 32), zb(C * t.width + 32);
+  std::vector<float> hb(C * t.width + 16), ob(C * t.out_cols + 16), nb(kGroup * t.width + 16);
+  auto align = [](auto* p) {
+    return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+  };
+  const Scratch sc{align(xb.data()), align(zb.data()), align(hb.data()), align(ob.data()), align(nb.data())};
+  configure_tiles();
+  for (int64_t r0 = r_lo; r0 < r_hi; r0 += C) chunk(t, x, r0, std::min(C, r_hi - r0), out, sc);
+  _tile_release();
+}
+
+#pragma GCC pop_options
+#endif  // PGF_X86
+
+}  // namespace
+
+bool residual_mlp_available() {
+#if PGF_X86
+  return amx_usable();
+#else
+  return false;
+#endif
+}
+
+void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width, int64_t depth, int64_t out_dim,
+                  const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
+                  const uint16_t* w_blocks, const float* b_blocks, const uint16_t* w_out, const float* b_out,
+                  uint16_t* out, int threads) {
+#if PGF_X86
+  if (rows <= 0) return;
+  const Trunk t{in_dim, (in_dim + 31) / 32 * 32, width, depth, out_dim, (out_dim + 15) / 16 * 16, w_in, b_in,
+                ln_w, ln_b, eps, w_blocks, b_blocks, w_out, b_out};
+  const int64_t blocks = (rows + kBlock - 1) / kBlock;
+  const int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), blocks));
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      const int n = omp_get_num_threads(), i = omp_get_thread_num();
+      run_rows(t, x, std::min(rows, blocks * i / n * kBlock), std::min(rows, blocks * (i + 1) / n * kBlock), out);
+    }
+    return;
+  }
+#endif
+  run_rows(t, x, 0, rows, out);
+#else
+  (void)x, (void)rows, (void)in_dim, (void)width, (void)depth, (void)out_dim, (void)w_in, (void)b_in, (void)ln_w;
+  (void)ln_b, (void)eps, (void)w_blocks, (void)b_blocks, (void)w_out, (void)b_out, (void)out, (void)threads;
+#endif
+}
+
+}  // namespace pgf_ops

@@ -1,0 +1,27 @@
+// The MLP denoiser's residual trunk as one fused CPU pass (AMX-BF16 GEMMs, LayerNorm + ReLU and the residual adds in
+// between). No torch headers: callers pass raw pointers (see bindings.cpp and polygrad_fast/cpu_residual_mlp.py).
+#pragma once
+
+#include <cstdint>
+
+namespace pgf_ops {
+
+// For each row of x [rows, in_dim] (bf16 bits):
+//   h = W_in x + b_in                                           (fp32, [width])
+//   h = h + W_k z_k + b_k,  z_k = bf16(relu(LN_k(h)))           for the depth residual blocks k = 0 .. depth - 1
+//   out = bf16(W_out bf16(relu(LN_depth(h))) + b_out)           (bf16 bits, [rows, out_dim])
+// LN_k: LayerNorm over width (fp32, two passes, eps) with affine ln_w[k], ln_b[k] ([depth + 1, width] fp32; row
+// depth is the trunk's final norm). Weight matrices as bf16 bits in AMX's VNNI tile order (amx_gemm.hpp), zero-padded:
+// w_in [width, in_dim padded to 32], w_blocks the depth matrices [width, width] one after the other, w_out [out_dim
+// padded to 16, width]; biases fp32: b_in [width], b_blocks [depth, width], b_out [out_dim padded to 16].
+// Needs width % 32 == 0 and residual_mlp_available(); rows split over `threads` OpenMP threads in blocks of 32
+// (results do not depend on `threads`).
+void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width, int64_t depth, int64_t out_dim,
+                  const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
+                  const uint16_t* w_blocks, const float* b_blocks, const uint16_t* w_out, const float* b_out,
+                  uint16_t* out, int threads);
+
+// Whether residual_mlp can run here (the AMX conditions of actor_mean_available()).
+bool residual_mlp_available();
+
+}  // namespace pgf_ops
