@@ -113,6 +113,22 @@ PYBIND11_MODULE(_cpu_ops, m) {
       "out [rows, out_dim] bf16 = the residual MLP trunk on x [rows, in_dim] bf16, as in "
       "csrc/cpu_ops/residual_mlp.hpp; pointers as integers, all contiguous; raises unless AMX-BF16 is usable.");
   m.def(
+      "amx_linear",
+      [](uintptr_t a, int64_t rows, int64_t k, uintptr_t w, int64_t n, uintptr_t bias, uintptr_t out, int threads) {
+        if (!pgf_ops::residual_mlp_available()) throw py::value_error("amx_linear: AMX-BF16 is not usable here");
+        if (rows < 0 || rows % 32 || k < 32 || k % 32 || n < 16 || n % 16)
+          throw py::value_error("amx_linear: need rows % 32 == 0, k % 32 == 0 and n % 16 == 0, got rows " +
+                                std::to_string(rows) + ", k " + std::to_string(k) + ", n " + std::to_string(n));
+        if (rows > 0 && (!a || !w || !bias || !out)) throw py::value_error("amx_linear: null data pointer");
+        py::gil_scoped_release release;
+        pgf_ops::amx_linear(reinterpret_cast<const uint16_t*>(a), rows, k, reinterpret_cast<const uint16_t*>(w), n,
+                            reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out), threads);
+      },
+      py::arg("a"), py::arg("rows"), py::arg("k"), py::arg("w"), py::arg("n"), py::arg("bias"), py::arg("out"),
+      py::arg("threads"),
+      "out [rows, n] fp32 = a [rows, k] bf16 x W^T + bias with W in AMX's VNNI order (csrc/cpu_ops/amx_gemm.hpp), "
+      "as residual_mlp runs each layer; for timing this package's GEMM floor.");
+  m.def(
       "normal_fill",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, int threads) {
         if (n < 0) throw py::value_error("normal_fill: negative size");

@@ -96,6 +96,15 @@ void run_rows(const Trunk& t, const uint16_t* x, int64_t r_lo, int64_t r_hi, uin
   _tile_release();
 }
 
+// Row blocks [b0, b1) of one amx_linear call on the calling thread.
+void linear_blocks(const uint16_t* a, int64_t b0, int64_t b1, int64_t k, const uint16_t* w, int64_t n,
+                   const float* bias, float* out) {
+  if (b1 <= b0) return;
+  configure_tiles();
+  amx_gemm(a + b0 * kBlock * k, (b1 - b0) * kBlock, k, w, n, out + b0 * kBlock * n, bias, false);
+  _tile_release();
+}
+
 #pragma GCC pop_options
 #endif  // PGF_X86
 
@@ -133,6 +142,27 @@ void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width
 #else
   (void)x, (void)rows, (void)in_dim, (void)width, (void)depth, (void)out_dim, (void)w_in, (void)b_in, (void)ln_w;
   (void)ln_b, (void)eps, (void)w_blocks, (void)b_blocks, (void)w_out, (void)b_out, (void)out, (void)threads;
+#endif
+}
+
+void amx_linear(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, int64_t n, const float* bias,
+                float* out, int threads) {
+#if PGF_X86
+  const int64_t blocks = rows / kBlock;
+  const int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<int64_t>(blocks, 1)));
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+#endif
+  {
+#ifdef _OPENMP
+    const int cnt = omp_get_num_threads(), i = omp_get_thread_num();
+#else
+    const int cnt = 1, i = 0;
+#endif
+    linear_blocks(a, blocks * i / cnt, blocks * (i + 1) / cnt, k, w, n, bias, out);
+  }
+#else
+  (void)a, (void)rows, (void)k, (void)w, (void)n, (void)bias, (void)out, (void)threads;
 #endif
 }
 

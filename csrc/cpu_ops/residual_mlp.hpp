@@ -21,7 +21,13 @@ void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width
                   const uint16_t* w_blocks, const float* b_blocks, const uint16_t* w_out, const float* b_out,
                   uint16_t* out, int threads);
 
-// Whether residual_mlp can run here (the AMX conditions of actor_mean_available()).
+// out [rows, n] fp32 = a [rows, k] bf16 x W^T + bias, one GEMM as residual_mlp runs each layer (W in VNNI order,
+// k % 32 == 0, n % 16 == 0, rows % 32 == 0; rows split over `threads`): what the sampler bench times as this
+// package's GEMM floor next to oneDNN's.
+void amx_linear(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, int64_t n, const float* bias,
+                float* out, int threads);
+
+// Whether residual_mlp and amx_linear can run here (the AMX conditions of actor_mean_available()).
 bool residual_mlp_available();
 
 }  // namespace pgf_ops
