@@ -35,16 +35,28 @@ def vnni_shape(n: int, k: int) -> tuple[int, int, int, int]:
     return round_up(n, 16) // 16, round_up(k, 32) // 2, 16, 2
 
 
-def vnni(weight: torch.Tensor) -> torch.Tensor:
-    """W [N, K] -> bf16 ``vnni_shape(N, K)`` contiguous, zero-padded to N' = N rounded up to 16 and K' to 32: entry
-    (nb, kp, n, j) = W[16 nb + n, 2 kp + j], AMX's tile order for the K x N operand W^T."""
+def vnni_into(dst: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Write W [N, K] into ``dst`` (bf16, ``vnni_shape(N, K)``, contiguous), zero-padded to N' = N rounded up to 16
+    and K' to 32: entry (nb, kp, n, j) = W[16 nb + n, 2 kp + j], AMX's tile order for the K x N operand W^T. Each
+    bf16 pair (j = 0, 1) moves as one 32-bit word: 0.13 ms per 1024 x 1024 weight, against 0.84 ms moving bf16
+    elements (2 threads, Sapphire Rapids), and the sampler refreshes every weight at each call."""
     n, k = weight.shape
-    w = F.pad(weight.detach().to(torch.bfloat16), (0, round_up(k, 32) - k, 0, round_up(n, 16) - n))
+    w = weight.detach().to(torch.bfloat16)
+    if n % 16 or k % 32:
+        w = F.pad(w, (0, round_up(k, 32) - k, 0, round_up(n, 16) - n))
     n, k = w.shape
-    return w.reshape(n // 16, 16, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    words = w.contiguous().view(torch.int32).view(n // 16, 16, k // 2).permute(0, 2, 1)
+    dst.view(torch.int32).view(n // 16, k // 2, 16).copy_(words)
+    return dst
 
 
-def check_tensors(op: str, want: dict[str, tuple[tuple[int, ...], torch.dtype]], given: dict[str, torch.Tensor]) -> None:
+def vnni(weight: torch.Tensor) -> torch.Tensor:
+    """W [N, K] in a new bf16 tensor of ``vnni_shape(N, K)`` (``vnni_into``)."""
+    return vnni_into(torch.empty(vnni_shape(*weight.shape), dtype=torch.bfloat16), weight)
+
+
+def check_tensors(op: str, want: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                  given: dict[str, torch.Tensor]) -> None:
     """ValueError naming the first of ``given`` that is not a contiguous CPU tensor of the shape and dtype in
     ``want``."""
     for name, (shape, dtype) in want.items():

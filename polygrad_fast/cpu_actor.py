@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension
-from .amx_layout import available, bf16_values, check_tensors, require_available, round_up, vnni, vnni_shape
+from .amx_layout import (available, bf16_values, check_tensors, require_available, round_up, vnni_into,
+                         vnni_shape)
 from .backend import choose_fastest, min_time
 from .cpu_layer_norm import FusedLayerNormAct
 from .policy import Actor
@@ -167,15 +168,15 @@ class FusedActor(nn.Module):
     def refresh(self) -> None:
         """Rebuild the kernel's weights from the actor (in place: a compiled graph keeps reading the same buffers)."""
         linears, norms = _mlp_layers(self.actor)
-        self.w_in.copy_(vnni(linears[0].weight))
+        vnni_into(self.w_in, linears[0].weight)
         self.b_in.copy_(bf16_values(linears[0].bias))
         for i, ln in enumerate(norms):
             self.ln_w[i].copy_(bf16_values(ln.weight))
             self.ln_b[i].copy_(bf16_values(ln.bias))
         for i, lin in enumerate(linears[1:-1]):
-            self.w_hidden[i].copy_(vnni(lin.weight))
+            vnni_into(self.w_hidden[i], lin.weight)
             self.b_hidden[i].copy_(bf16_values(lin.bias))
-        self.w_out.copy_(vnni(linears[-1].weight))
+        vnni_into(self.w_out, linears[-1].weight)
         self.b_out.zero_()[: self.act_dim].copy_(bf16_values(linears[-1].bias))
 
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

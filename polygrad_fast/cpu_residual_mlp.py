@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension
-from .amx_layout import available, bf16_values, check_tensors, require_available, round_up, vnni, vnni_shape
+from .amx_layout import (available, bf16_values, check_tensors, require_available, round_up, vnni_into,
+                         vnni_shape)
 from .backend import choose_fastest, min_time
 from .cpu_layer_norm import FusedLayerNormAct
 from .denoisers.mlp import ResidualBlock, ResidualMLP
@@ -159,15 +160,15 @@ class FusedResidualMLP(ResidualMLP):
     def refresh(self) -> None:
         """Rebuild the kernel's weights from the shared modules (in place: a compiled graph keeps reading them)."""
         linears, norms = _layers(self)
-        self.w_in.copy_(vnni(linears[0].weight))
+        vnni_into(self.w_in, linears[0].weight)
         self.b_in.copy_(bf16_values(linears[0].bias))
         for i, n in enumerate(norms):
             self.ln_w[i].copy_(bf16_values(n.weight))
             self.ln_b[i].copy_(bf16_values(n.bias))
         for i, lin in enumerate(linears[1:-1]):
-            self.w_blocks[i].copy_(vnni(lin.weight))
+            vnni_into(self.w_blocks[i], lin.weight)
             self.b_blocks[i].copy_(bf16_values(lin.bias))
-        self.w_out.copy_(vnni(linears[-1].weight))
+        vnni_into(self.w_out, linears[-1].weight)
         self.b_out.zero_()[: self.out_dim].copy_(bf16_values(linears[-1].bias))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,8 @@ void chunk(const Trunk& t, const uint16_t* x, int64_t r0, int64_t n, uint16_t* o
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < t.out_dim; c += 16) {
       const __mmask16 m = c + 16 <= t.out_dim ? static_cast<__mmask16>(0xFFFF) : tail;
-      Store<uint16_t, true>::run(out + (r0 + i) * t.out_dim + c, m, _mm512_maskz_loadu_ps(m, sc.o + i * t.out_cols + c));
+      const __m512 v = _mm512_maskz_loadu_ps(m, sc.o + i * t.out_cols + c);
+      Store<uint16_t, true>::run(out + (r0 + i) * t.out_dim + c, m, v);
     }
 }
 
