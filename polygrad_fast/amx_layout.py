@@ -19,7 +19,7 @@ def available() -> bool:
     """True when the AMX kernels can run in this process: extension loaded, AMX-BF16 usable, PGF_CPU_OPS_NO_AMX
     unset, and ``backend.cpu_isa()`` is 'AMX' (so capping oneDNN with ONEDNN_MAX_CPU_ISA to rehearse another CPU
     turns them off too)."""
-    return _module is not None and bool(_module.actor_mean_available()) and cpu_isa() == "AMX"
+    return _module is not None and bool(_module.amx_kernels_available()) and cpu_isa() == "AMX"
 
 
 def round_up(n: int, m: int) -> int:

@@ -177,27 +177,40 @@ def test_pays_off_check_keeps_the_global_rng():
     assert torch.equal(torch.rand(3), want)
 
 
+def sampler_pair(compile, switch, denoiser_hidden=64, policy=None):
+    """(denoiser, policy, fused sampler, plain sampler with ``switch``=False): bf16 samplers on a small MLP
+    denoiser (H=5, O=11, A=3, T=8), the same modules."""
+    torch.manual_seed(0)
+    H, O, A = 5, 11, 3
+    denoiser = ResidualMLPDenoiser(H, O + 2, A, MLPDenoiserConfig(hidden_dim=denoiser_hidden, num_layers=2)).eval()
+    policy = _actor(O, A, 64, 2) if policy is None else policy
+    rng = np.random.default_rng(0)
+    normalizer = Normalizer({"observations": (rng.normal(size=O), rng.uniform(0.5, 2.0, O)),
+                             "actions": (np.zeros(A), np.ones(A)), "rewards": (0.0, 1.0), "terminals": (0.0, 1.0)})
+    kw = dict(denoiser_dtype="bfloat16", compile=compile, backend="torch", guidance_scale=0.05)
+    return (denoiser, policy, FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, **kw),
+            FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, **{switch: False}, **kw))
+
+
+def same_noise_batches(fused, plain, change):
+    """Both samplers on the same start states and noise, twice: before and after ``change()`` of the live
+    modules; yields the two batches each time."""
+    start = torch.randn(37, 11)
+    for _ in range(2):
+        noise = SamplerNoise.draw(8, 37, 5, 13, 3, generator=torch.Generator().manual_seed(4))
+        yield fused.sample(start, noise=noise), plain.sample(start, noise=noise)
+        with torch.no_grad():
+            change()
+
+
 @needs_amx
 @pytest.mark.parametrize("compile", [False, True])
 def test_sampler_uses_it_and_follows_the_live_policy(compile):
     """bf16 sampler with the fused actor vs without (same noise): the same trajectories up to the twin's
     tolerance compounded over the chain, and both follow a change of the user's policy weights."""
-    torch.manual_seed(0)
-    H, O, A = 5, 11, 3
-    denoiser = ResidualMLPDenoiser(H, O + 2, A, MLPDenoiserConfig(hidden_dim=64, num_layers=2)).eval()
-    policy = _actor(O, A, 64, 2)
-    rng = np.random.default_rng(0)
-    normalizer = Normalizer({"observations": (rng.normal(size=O), rng.uniform(0.5, 2.0, O)),
-                             "actions": (np.zeros(A), np.ones(A)), "rewards": (0.0, 1.0), "terminals": (0.0, 1.0)})
-    kw = dict(denoiser_dtype="bfloat16", compile=compile, backend="torch", guidance_scale=0.05)
-    fused = FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, **kw)
-    plain = FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, cpu_fuse_actor=False, **kw)
+    _, policy, fused, plain = sampler_pair(compile, "cpu_fuse_actor")
     assert fused._fused_actor is not None and plain._fused_actor is None
-    start = torch.randn(37, O)
-    for _ in range(2):
-        noise = SamplerNoise.draw(8, 37, H, O + 2, A, generator=torch.Generator().manual_seed(4))
-        a, b = fused.sample(start, noise=noise), plain.sample(start, noise=noise)
+    # a large change of the mean action after the first round: both samplers must follow it
+    for a, b in same_noise_batches(fused, plain, lambda: policy.mlp[-1].bias.add_(0.5)):
         d = (a.actions - b.actions).abs()
         assert d.max().item() < 0.05 and d.mean().item() < 2e-3
-        with torch.no_grad():
-            policy.mlp[-1].bias.add_(0.5)  # a large change of the mean action: both samplers must follow it

@@ -14,20 +14,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from polygrad_fast import amx_layout, cpu_residual_mlp as crm
 from polygrad_fast.cpu_layer_norm import fuse_layer_norm_acts
-from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
 from polygrad_fast.denoisers.mlp import ResidualMLP
-from polygrad_fast.noise import SamplerNoise
-from polygrad_fast.normalizer import Normalizer
 from polygrad_fast.policy import Actor
-from polygrad_fast.sampler import FastGuidedSampler
-from polygrad_fast.schedule import NoiseSchedule
+from test_cpu_actor import sampler_pair, same_noise_batches
 
 needs_amx = pytest.mark.skipif(not amx_layout.available(), reason="the fused trunk kernel needs AMX-BF16")
 
@@ -176,24 +171,11 @@ def test_pays_off_check_keeps_the_global_rng():
 def test_sampler_uses_it_and_follows_the_live_denoiser(compile):
     """bf16 sampler with the fused trunk vs without (same noise): the same trajectories up to bf16-level
     differences compounded over the chain; both follow a change of the user's denoiser; its Linears stay unpacked."""
-    torch.manual_seed(0)
-    H, O, A = 5, 11, 3
-    denoiser = ResidualMLPDenoiser(H, O + 2, A, MLPDenoiserConfig(hidden_dim=256, num_layers=2)).eval()
-    policy = Actor(O, A, 64, 2)
-    rng = np.random.default_rng(0)
-    normalizer = Normalizer({"observations": (rng.normal(size=O), rng.uniform(0.5, 2.0, O)),
-                             "actions": (np.zeros(A), np.ones(A)), "rewards": (0.0, 1.0), "terminals": (0.0, 1.0)})
-    kw = dict(denoiser_dtype="bfloat16", compile=compile, backend="torch", guidance_scale=0.05)
-    fused = FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, **kw)
-    plain = FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, cpu_fuse_trunk=False, **kw)
+    denoiser, _, fused, plain = sampler_pair(compile, "cpu_fuse_trunk", denoiser_hidden=256, policy=Actor(11, 3, 64, 2))
     assert fused._fused_trunk is not None and plain._fused_trunk is None
     assert not any(isinstance(m, nn.Linear) and type(m) is not nn.Linear for m in fused._fused_trunk.modules())
-    start = torch.randn(37, O)
-    for _ in range(2):
-        noise = SamplerNoise.draw(8, 37, H, O + 2, A, generator=torch.Generator().manual_seed(4))
-        a, b = fused.sample(start, noise=noise), plain.sample(start, noise=noise)
+    # a large change of x0 after the first round: both samplers must follow it
+    for a, b in same_noise_batches(fused, plain, lambda: denoiser.trunk.output.bias.add_(0.5)):
         for name in ("observations", "actions"):
             d = (getattr(a, name) - getattr(b, name)).abs()
             assert d.max().item() < 0.1 and d.mean().item() < 5e-3, name
-        with torch.no_grad():
-            denoiser.trunk.output.bias.add_(0.5)  # a large change of x0: both samplers must follow it

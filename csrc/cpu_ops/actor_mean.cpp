@@ -18,10 +18,6 @@
 #include <cstdlib>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace pgf_ops {
 namespace {
 
@@ -117,14 +113,6 @@ void run_blocks(const Net& net, const float* states, int64_t rows, int64_t b0, i
 
 }  // namespace
 
-bool actor_mean_available() {
-#if PGF_X86
-  return amx_usable();
-#else
-  return false;
-#endif
-}
-
 void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
                 const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
                 const uint16_t* w_hidden, const float* b_hidden, const uint16_t* w_out, const float* b_out,
@@ -135,19 +123,8 @@ void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidd
   const Net net{obs_dim, in_cols, hidden, layers, act_dim, out_cols, w_in, b_in, ln_w, ln_b, eps, w_hidden,
                 b_hidden, w_out, b_out};
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
-  int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), blocks));
-  if (rows < kSerialRows) nt = 1;
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    {
-      const int n = omp_get_num_threads(), t = omp_get_thread_num();
-      run_blocks(net, states, rows, blocks * t / n, blocks * (t + 1) / n, mean);
-    }
-    return;
-  }
-#endif
-  run_blocks(net, states, rows, 0, blocks, mean);
+  const int nt = rows < kSerialRows ? 1 : static_cast<int>(std::min<int64_t>(std::max(1, threads), blocks));
+  for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) { run_blocks(net, states, rows, b0, b1, mean); });
 #else
   (void)states, (void)rows, (void)obs_dim, (void)hidden, (void)layers, (void)act_dim, (void)w_in, (void)b_in;
   (void)ln_w, (void)ln_b, (void)eps, (void)w_hidden, (void)b_hidden, (void)w_out, (void)b_out, (void)mean,

@@ -17,15 +17,11 @@ namespace pgf_ops {
 //   w_in: W_in [hidden, obs_dim padded to a multiple of 32], b_in [hidden] fp32;
 //   w_hidden: the layers - 1 matrices W_l [hidden, hidden] one after the other, b_hidden [layers - 1, hidden] fp32;
 //   w_out: W_out [act_dim padded to a multiple of 16, hidden], b_out [that padded act_dim] fp32 (padding 0).
-// Needs hidden % 32 == 0 and actor_mean_available(); rows split over `threads` OpenMP threads in blocks of 32
+// Needs hidden % 32 == 0 and amx_kernels_available(); rows split over `threads` OpenMP threads in blocks of 32
 // (results do not depend on `threads`).
 void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
                 const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
                 const uint16_t* w_hidden, const float* b_hidden, const uint16_t* w_out, const float* b_out,
                 float* mean, int threads);
-
-// Whether actor_mean can run here: AMX-TILE + AMX-BF16 + AVX-512 (F/BW/VL/DQ, BF16) on the CPU, tile data enabled
-// by the OS and granted to this process (arch_prctl), and PGF_CPU_OPS_NO_AMX unset.
-bool actor_mean_available();
 
 }  // namespace pgf_ops

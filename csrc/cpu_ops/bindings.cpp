@@ -7,6 +7,7 @@
 #include <string>
 
 #include "actor_mean.hpp"
+#include "amx_kernels.hpp"
 #include "layer_norm_act.hpp"
 #include "normal_noise.hpp"
 #include "residual_mlp.hpp"
@@ -60,7 +61,7 @@ PYBIND11_MODULE(_cpu_ops, m) {
       [](uintptr_t states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
          uintptr_t w_in, uintptr_t b_in, uintptr_t ln_w, uintptr_t ln_b, double eps, uintptr_t w_hidden,
          uintptr_t b_hidden, uintptr_t w_out, uintptr_t b_out, uintptr_t mean, int threads) {
-        if (!pgf_ops::actor_mean_available()) throw py::value_error("actor_mean: AMX-BF16 is not usable here");
+        if (!pgf_ops::amx_kernels_available()) throw py::value_error("actor_mean: AMX-BF16 is not usable here");
         if (rows < 0 || obs_dim < 1 || layers < 1 || act_dim < 1 || hidden < 32 || hidden % 32)
           throw py::value_error("actor_mean: need rows >= 0, obs_dim, layers, act_dim >= 1 and hidden a multiple "
                                 "of 32, got rows " + std::to_string(rows) + ", obs_dim " + std::to_string(obs_dim) +
@@ -82,15 +83,16 @@ PYBIND11_MODULE(_cpu_ops, m) {
       py::arg("w_hidden"), py::arg("b_hidden"), py::arg("w_out"), py::arg("b_out"), py::arg("mean"),
       py::arg("threads"),
       "mean [rows, act_dim] = tanh(MLP(states)) for the actor MLP described in csrc/cpu_ops/actor_mean.hpp; "
-      "pointers as integers, all contiguous; raises unless actor_mean_available().");
-  m.def("actor_mean_available", &pgf_ops::actor_mean_available,
-        "Whether actor_mean can run here (AMX-BF16 usable by this process, PGF_CPU_OPS_NO_AMX unset).");
+      "pointers as integers, all contiguous; raises unless amx_kernels_available().");
+  m.def("amx_kernels_available", &pgf_ops::amx_kernels_available,
+        "Whether actor_mean, residual_mlp and amx_linear can run here (AMX-BF16 usable by this process, "
+        "PGF_CPU_OPS_NO_AMX unset).");
   m.def(
       "residual_mlp",
       [](uintptr_t x, int64_t rows, int64_t in_dim, int64_t width, int64_t depth, int64_t out_dim, uintptr_t w_in,
          uintptr_t b_in, uintptr_t ln_w, uintptr_t ln_b, double eps, uintptr_t w_blocks, uintptr_t b_blocks,
          uintptr_t w_out, uintptr_t b_out, uintptr_t out, int threads) {
-        if (!pgf_ops::residual_mlp_available()) throw py::value_error("residual_mlp: AMX-BF16 is not usable here");
+        if (!pgf_ops::amx_kernels_available()) throw py::value_error("residual_mlp: AMX-BF16 is not usable here");
         if (rows < 0 || in_dim < 1 || depth < 0 || out_dim < 1 || width < 32 || width % 32)
           throw py::value_error("residual_mlp: need rows >= 0, in_dim, out_dim >= 1, depth >= 0 and width a "
                                 "multiple of 32, got rows " + std::to_string(rows) + ", in_dim " +
@@ -115,7 +117,7 @@ PYBIND11_MODULE(_cpu_ops, m) {
   m.def(
       "amx_linear",
       [](uintptr_t a, int64_t rows, int64_t k, uintptr_t w, int64_t n, uintptr_t bias, uintptr_t out, int threads) {
-        if (!pgf_ops::residual_mlp_available()) throw py::value_error("amx_linear: AMX-BF16 is not usable here");
+        if (!pgf_ops::amx_kernels_available()) throw py::value_error("amx_linear: AMX-BF16 is not usable here");
         if (rows < 0 || rows % 32 || k < 32 || k % 32 || n < 16 || n % 16)
           throw py::value_error("amx_linear: need rows % 32 == 0, k % 32 == 0 and n % 16 == 0, got rows " +
                                 std::to_string(rows) + ", k " + std::to_string(k) + ", n " + std::to_string(n));

@@ -14,10 +14,6 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace pgf_ops {
 namespace {
 
@@ -111,14 +107,6 @@ void linear_blocks(const uint16_t* a, int64_t b0, int64_t b1, int64_t k, const u
 
 }  // namespace
 
-bool residual_mlp_available() {
-#if PGF_X86
-  return amx_usable();
-#else
-  return false;
-#endif
-}
-
 void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width, int64_t depth, int64_t out_dim,
                   const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
                   const uint16_t* w_blocks, const float* b_blocks, const uint16_t* w_out, const float* b_out,
@@ -129,17 +117,9 @@ void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width
                 ln_w, ln_b, eps, w_blocks, b_blocks, w_out, b_out};
   const int64_t blocks = (rows + kBlock - 1) / kBlock;
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), blocks));
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    {
-      const int n = omp_get_num_threads(), i = omp_get_thread_num();
-      run_rows(t, x, std::min(rows, blocks * i / n * kBlock), std::min(rows, blocks * (i + 1) / n * kBlock), out);
-    }
-    return;
-  }
-#endif
-  run_rows(t, x, 0, rows, out);
+  for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
+    run_rows(t, x, std::min(rows, b0 * kBlock), std::min(rows, b1 * kBlock), out);
+  });
 #else
   (void)x, (void)rows, (void)in_dim, (void)width, (void)depth, (void)out_dim, (void)w_in, (void)b_in, (void)ln_w;
   (void)ln_b, (void)eps, (void)w_blocks, (void)b_blocks, (void)w_out, (void)b_out, (void)out, (void)threads;
@@ -151,17 +131,7 @@ void amx_linear(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, i
 #if PGF_X86
   const int64_t blocks = rows / kBlock;
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<int64_t>(blocks, 1)));
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
-#endif
-  {
-#ifdef _OPENMP
-    const int cnt = omp_get_num_threads(), i = omp_get_thread_num();
-#else
-    const int cnt = 1, i = 0;
-#endif
-    linear_blocks(a, blocks * i / cnt, blocks * (i + 1) / cnt, k, w, n, bias, out);
-  }
+  for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) { linear_blocks(a, b0, b1, k, w, n, bias, out); });
 #else
   (void)a, (void)rows, (void)k, (void)w, (void)n, (void)bias, (void)out, (void)threads;
 #endif

@@ -14,7 +14,7 @@ namespace pgf_ops {
 // depth is the trunk's final norm). Weight matrices as bf16 bits in AMX's VNNI tile order (amx_gemm.hpp), zero-padded:
 // w_in [width, in_dim padded to 32], w_blocks the depth matrices [width, width] one after the other, w_out [out_dim
 // padded to 16, width]; biases fp32: b_in [width], b_blocks [depth, width], b_out [out_dim padded to 16].
-// Needs width % 32 == 0 and residual_mlp_available(); rows split over `threads` OpenMP threads in blocks of 32
+// Needs width % 32 == 0 and amx_kernels_available(); rows split over `threads` OpenMP threads in blocks of 32
 // (results do not depend on `threads`).
 void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width, int64_t depth, int64_t out_dim,
                   const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
@@ -26,8 +26,5 @@ void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width
 // package's GEMM floor next to oneDNN's.
 void amx_linear(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, int64_t n, const float* bias,
                 float* out, int threads);
-
-// Whether residual_mlp and amx_linear can run here (the AMX conditions of actor_mean_available()).
-bool residual_mlp_available();
 
 }  // namespace pgf_ops
