@@ -180,6 +180,9 @@ class FusedActor(nn.Module):
         self.b_out.zero_()[: self.act_dim].copy_(bf16_values(linears[-1].bias))
 
     def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.is_grad_enabled() and (states.requires_grad or any(p.requires_grad for p in self.actor.parameters())):
+            raise RuntimeError("FusedActor has no autograd: call it under torch.no_grad() / torch.inference_mode(), "
+                               "or differentiate the Actor itself")
         mean = actor_mean(states, self.act_dim, self.obs_dim, self.w_in, self.b_in, self.ln_w, self.ln_b,
                           self.w_hidden, self.b_hidden, self.w_out, self.b_out, self.eps)
         return mean, self.actor.std().float().expand_as(mean)

@@ -172,7 +172,10 @@ class FusedResidualMLP(ResidualMLP):
         self.b_out.zero_()[: self.out_dim].copy_(bf16_values(linears[-1].bias))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if h.dtype != torch.bfloat16 or h.device.type != "cpu" or (torch.is_grad_enabled() and h.requires_grad):
+        """h [..., in] -> [..., out]: the kernel for bf16 CPU inputs when no gradient is needed (neither h nor any
+        weight requires one under grad mode), else ``ResidualMLP.forward`` (differentiable, any dtype)."""
+        needs_grad = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if h.dtype != torch.bfloat16 or h.device.type != "cpu" or needs_grad:
             return super().forward(h)
         return residual_mlp(h, self.out_dim, self.w_in, self.b_in, self.ln_w, self.ln_b, self.w_blocks, self.b_blocks,
                             self.w_out, self.b_out, self.eps)

@@ -144,6 +144,7 @@ def test_fusable_only_for_the_kernels_networks():
 
 
 @needs_amx
+@torch.no_grad()
 def test_bad_states_are_rejected():
     fused = cpu_actor.FusedActor(_actor(11, 3, 64, 2))
     with pytest.raises(TypeError, match="float32 CPU tensor, got torch.float64"):
@@ -158,6 +159,15 @@ def test_bad_states_are_rejected():
     with pytest.raises(ValueError, match=r"w_in must be .* \[4, 32, 16, 2\], got torch.bfloat16 \[4, 16, 16, 2\]"):
         cpu_actor.actor_mean(torch.randn(4, 40), 3, 40, *weights, 1e-3)  # 40 observations need two 32-wide tiles
 
+
+
+@needs_amx
+def test_no_silent_loss_of_gradients():
+    actor = _actor(11, 3, 64, 2)  # trainable parameters
+    with pytest.raises(RuntimeError, match="no autograd"):
+        cpu_actor.FusedActor(actor)(torch.randn(4, 11))
+    with torch.no_grad():
+        assert cpu_actor.FusedActor(actor)(torch.randn(4, 11))[0].shape == (4, 3)
 
 
 @pytest.mark.parametrize("env", [{"PGF_CPU_OPS_NO_AMX": "1"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}])

@@ -109,6 +109,9 @@ def test_shares_the_modules_refreshes_and_falls_back():
         torch.testing.assert_close(fused(x.float()), trunk(x.float()))  # fp32 input: the plain forward
     y = fused(x.float().requires_grad_(True))  # autograd: the plain forward, differentiable
     y.sum().backward()
+    trainable = crm.FusedResidualMLP.from_trunk(_trunk(40, 64, 2, 17).to(torch.bfloat16))
+    trainable(x).float().sum().backward()  # bf16 input, trainable weights: the plain forward, gradients arrive
+    assert trainable.blocks[0].linear.weight.grad is not None
 
 
 @needs_amx
