@@ -6,15 +6,19 @@ them against the layout first.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from ._native import CPU_OPS, extension
-from .backend import cpu_isa
+from .backend import choose_fastest, cpu_isa, min_time
 
 _module = extension(CPU_OPS)
 
 
+@functools.cache  # every op call checks it (3 µs uncached); oneDNN itself reads its ISA cap once per process
 def available() -> bool:
     """True when the AMX kernels can run in this process: extension loaded, AMX-BF16 usable, PGF_CPU_OPS_NO_AMX
     unset, and ``backend.cpu_isa()`` is 'AMX' (so capping oneDNN with ONEDNN_MAX_CPU_ISA to rehearse another CPU
@@ -64,6 +68,14 @@ def check_tensors(op: str, want: dict[str, tuple[tuple[int, ...], torch.dtype]],
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be a contiguous {dtype} CPU tensor of shape {list(shape)}, "
                              f"got {t.dtype} {list(t.shape)} on {t.device}")
+
+
+def fused_is_faster(plain: Callable[[], object], fused: Callable[[], object]) -> bool:
+    """True when ``fused()`` measured faster than ``plain()`` (``backend.min_time`` each, inference mode;
+    ``backend.choose_fastest`` with the plain call preferred, so fused must win by more than the tie tolerance)."""
+    with torch.inference_mode():
+        timings = {"plain": min_time(plain), "fused": min_time(fused)}
+    return choose_fastest(timings, prefer="plain") == "fused"
 
 
 def require_available(op: str) -> None:

@@ -4,13 +4,13 @@ Every reverse step evaluates the policy on all B·H guide states. As torch ops o
 three addmm, two LayerNorm + ELU and a tanh over [B·H, hidden] activations that each go to memory and back: 0.77 ms
 for 2,560 rows at hidden 256 on a 2-core Sapphire Rapids, where the GEMMs' arithmetic needs about 0.18 ms. The
 kernel of ``polygrad_fast._cpu_ops`` (csrc/cpu_ops/actor_mean.cpp) runs blocks of 32 rows through the whole network
-in cache: input layer as fp32 FMAs, hidden x hidden layers as AMX bf16 tile products (fp32 accumulation), LayerNorm
-+ ELU with the row kernel of ``cpu_layer_norm``, output layer and tanh in fp32.
+in cache: every Linear as AMX bf16 tile products with fp32 accumulation (csrc/cpu_ops/amx_gemm.hpp), LayerNorm + ELU
+with the row kernel of ``cpu_layer_norm``, tanh in fp32.
 
 Numerics (``actor_mean_reference`` is the plain-torch twin, computed from the ``Actor`` itself): the weights are
 the actor's rounded to bf16 (what its bf16 copy holds), the states are rounded to bf16, and every post-ELU
-activation is rounded to bf16 (the operands of the bf16 GEMMs); the pre-norm activations, the output layer and
-tanh stay fp32 (the bf16 copy rounds those too, so this is at least as precise).
+activation is rounded to bf16 (the operands of the bf16 GEMMs); the pre-norm activations, the output layer's sums
+and tanh stay fp32 (the bf16 copy rounds those too, so this is at least as precise).
 
 ``FusedActor(actor)`` is the drop-in for the sampler's policy call: states fp32 [..., O] -> (mean, std) fp32 [..., A],
 with its packed weights rebuilt from the actor by ``refresh()`` after every weight change. ``fusable(actor)`` says
@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension
-from .amx_layout import (available, bf16_values, check_tensors, require_available, round_up, vnni_into,
-                         vnni_shape)
-from .backend import choose_fastest, min_time
-from .cpu_layer_norm import FusedLayerNormAct
+from .amx_layout import (available, bf16_values, check_tensors, fused_is_faster, require_available, round_up,
+                         vnni_into, vnni_shape)
+from .cpu_layer_norm import pair_activation
 from .policy import Actor
 
 __all__ = ["FusedActor", "actor_mean", "actor_mean_reference", "available", "fusable", "fused_actor_pays_off"]
@@ -46,9 +45,7 @@ def _mlp_layers(actor: Actor) -> tuple[list[nn.Linear], list[nn.LayerNorm]] | No
     linears, norms = [], []
     for i in range(0, len(mods) - 1, 3):
         lin, ln, act = mods[i: i + 3]
-        fused_elu = isinstance(ln, FusedLayerNormAct) and ln.activation == "elu" and isinstance(act, nn.Identity)
-        plain_elu = type(ln) is nn.LayerNorm and type(act) is nn.ELU and act.alpha == 1.0
-        if type(lin) is not nn.Linear or not (fused_elu or plain_elu) or not ln.elementwise_affine or ln.bias is None:
+        if type(lin) is not nn.Linear or pair_activation(ln, act) != "elu":
             return None
         linears.append(lin)
         norms.append(ln)
@@ -195,10 +192,7 @@ def _pays_off(obs_dim: int, act_dim: int, hidden: int, layers: int, rows: int) -
         actor = Actor(obs_dim, act_dim, hidden, layers).to(torch.bfloat16).eval()
         states = torch.randn(rows, obs_dim)
     fused = FusedActor(actor)
-    with torch.inference_mode():
-        timings = {"plain": min_time(lambda: actor(states.to(torch.bfloat16))),
-                   "fused": min_time(lambda: fused(states))}
-    return choose_fastest(timings, prefer="plain") == "fused"
+    return fused_is_faster(lambda: actor(states.to(torch.bfloat16)), lambda: fused(states))
 
 
 def fused_actor_pays_off(actor: Actor, rows: int = 2560) -> bool:

@@ -164,6 +164,18 @@ def _fusable_activation(act: nn.Module) -> str | None:
     return None
 
 
+def pair_activation(norm: nn.Module, act: nn.Module) -> str | None:
+    """The activation ('elu' or 'relu') that the pair act(norm(x)) applies after an affine LayerNorm over the last
+    dimension: a plain ``nn.LayerNorm`` followed by ``ELU()`` with alpha 1 / ``ReLU()``, or a ``FusedLayerNormAct``
+    (as ``fuse_layer_norm_acts`` leaves it) followed by ``nn.Identity()``; None for anything else."""
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1 or not norm.elementwise_affine \
+            or norm.bias is None:
+        return None
+    if isinstance(norm, FusedLayerNormAct):
+        return norm.activation if norm.activation != "none" and isinstance(act, nn.Identity) else None
+    return _fusable_activation(act) if type(norm) is nn.LayerNorm else None
+
+
 def fuse_layer_norm_acts(module: nn.Module) -> int:
     """In place: replace each plain ``nn.LayerNorm`` (over the last dimension) that is followed by ``nn.ELU()``
     with alpha 1 or ``nn.ReLU()`` by a ``FusedLayerNormAct`` and the activation by ``nn.Identity()`` (names, indices

@@ -24,10 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension
-from .amx_layout import (available, bf16_values, check_tensors, require_available, round_up, vnni_into,
-                         vnni_shape)
-from .backend import choose_fastest, min_time
-from .cpu_layer_norm import FusedLayerNormAct
+from .amx_layout import (available, bf16_values, check_tensors, fused_is_faster, require_available, round_up,
+                         vnni_into, vnni_shape)
+from .cpu_layer_norm import pair_activation
 from .denoisers.mlp import ResidualBlock, ResidualMLP
 
 __all__ = ["FusedResidualMLP", "fusable", "fused_trunk_pays_off", "residual_mlp", "residual_mlp_reference"]
@@ -36,25 +35,16 @@ _module = extension(CPU_OPS)
 WIDTH_MULTIPLE = 32  # the kernel's AMX tiles
 
 
-def _relu_norm(norm: nn.Module, act: nn.Module) -> bool:
-    """A LayerNorm (with affine) then ReLU, or cpu_layer_norm's fused LayerNorm + ReLU then Identity."""
-    if not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine or norm.bias is None:
-        return False
-    if isinstance(norm, FusedLayerNormAct):
-        return norm.activation == "relu" and isinstance(act, nn.Identity)
-    return type(norm) is nn.LayerNorm and type(act) is nn.ReLU
-
-
 def _layers(trunk: ResidualMLP) -> tuple[list[nn.Linear], list[nn.LayerNorm]] | None:
     """([input, block linears..., output], [block norms..., final norm]) when the trunk is the kernel's network, else
     None."""
     if not isinstance(trunk, ResidualMLP) or not isinstance(trunk.blocks, nn.Sequential):
         return None
     blocks = list(trunk.blocks)
-    if not all(type(b) is ResidualBlock and _relu_norm(b.norm, b.act) and isinstance(b.dropout, nn.Identity)
-               and isinstance(b.linear, nn.Linear) for b in blocks):
+    if not all(type(b) is ResidualBlock and pair_activation(b.norm, b.act) == "relu"
+               and isinstance(b.dropout, nn.Identity) and isinstance(b.linear, nn.Linear) for b in blocks):
         return None
-    if not _relu_norm(trunk.norm, trunk.act) or not isinstance(trunk.input, nn.Linear) or not isinstance(
+    if pair_activation(trunk.norm, trunk.act) != "relu" or not isinstance(trunk.input, nn.Linear) or not isinstance(
             trunk.output, nn.Linear):
         return None
     norms = [b.norm for b in blocks] + [trunk.norm]
@@ -188,9 +178,7 @@ def _pays_off(in_dim: int, width: int, depth: int, out_dim: int, rows: int) -> b
         trunk = ResidualMLP(in_dim, width, depth, out_dim, 0.0).to(torch.bfloat16).eval()
         x = torch.randn(rows, in_dim).to(torch.bfloat16)
     fused = FusedResidualMLP.from_trunk(trunk)
-    with torch.inference_mode():
-        timings = {"plain": min_time(lambda: ResidualMLP.forward(fused, x)), "fused": min_time(lambda: fused(x))}
-    return choose_fastest(timings, prefer="plain") == "fused"
+    return fused_is_faster(lambda: ResidualMLP.forward(fused, x), lambda: fused(x))
 
 
 def fused_trunk_pays_off(trunk: ResidualMLP, rows: int = 256) -> bool:
