@@ -77,8 +77,8 @@ def _gemm_chain_time(shapes, rows: int, precision: str, rounds: int) -> float:
         elif precision.endswith("-amx"):  # this package's AMX GEMM, as the fused trunk runs each layer
             xp = F.pad(x, (0, amx_layout.round_up(i, 32) - i)).contiguous()
             wv, n = amx_layout.vnni(w), amx_layout.round_up(o, 16)
-            bp, out = torch.zeros(n), torch.empty(rows, n)
-            ops.append(lambda xp=xp, wv=wv, n=n, bp=bp, out=out: extension(CPU_OPS).amx_linear(
+            bp, out, native = torch.zeros(n), torch.empty(rows, n), extension(CPU_OPS)
+            ops.append(lambda xp=xp, wv=wv, n=n, bp=bp, out=out: native.amx_linear(
                 xp.data_ptr(), rows, xp.shape[1], wv.data_ptr(), n, bp.data_ptr(), out.data_ptr(),
                 torch.get_num_threads()))
         else:

@@ -22,13 +22,13 @@ def _version(module: str) -> str:
 
 
 def _cpu_ops_report(mod, error: str | None) -> dict:
-    """Fused CPU kernels (polygrad_fast._cpu_ops): availability, the LayerNorm kernel's ISA, whether the fused actor
-    kernel (AMX) runs here, OpenMP."""
+    """Fused CPU kernels (polygrad_fast._cpu_ops): availability, the LayerNorm kernel's ISA, whether the fused AMX
+    kernels (actor mean, MLP trunk) run here, OpenMP."""
     if mod is None:
         return {"available": False, "error": error}
-    from . import cpu_actor
+    from . import amx_layout
 
-    return {"available": True, "layer_norm_act_isa": mod.isa(), "actor_mean_amx": cpu_actor.available(),
+    return {"available": True, "layer_norm_act_isa": mod.isa(), "amx_kernels": amx_layout.available(),
             "openmp": mod.openmp()}
 
 

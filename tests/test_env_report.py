@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from polygrad_fast import cpu_actor
+from polygrad_fast import amx_layout
 
 
 def test_env_report_json():
@@ -20,7 +20,7 @@ def test_env_report_json():
     assert ops["available"] is (report["backends"]["cpu_kernels_and_noise"] == "native C++")
     if ops["available"]:
         assert ops["layer_norm_act_isa"] and isinstance(ops["openmp"], bool)
-        assert ops["actor_mean_amx"] == cpu_actor.available()
+        assert ops["amx_kernels"] == amx_layout.available()
     else:
         assert ops["error"]
 

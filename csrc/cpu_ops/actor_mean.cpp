@@ -30,14 +30,6 @@ constexpr int64_t kSerialRows = 128;
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16,amx-tile,amx-bf16")
 
-// z [32, hidden] bf16 = bf16(ELU(LN(h))) for the 32 fp32 rows of h.
-void norm_elu_rows(const float* h, uint16_t* z, const float* w, const float* b, int64_t hidden, float eps,
-                   float* scratch) {
-  for (int64_t r = 0; r < kBlockRows; r += kGroup)
-    avx512_group<float, uint16_t, Act::Elu, true, kGroup>(h + r * hidden, z + r * hidden, hidden, hidden, w, b,
-                                                          hidden, hidden, eps, scratch);
-}
-
 // tanh(x) = sign(x) (-e) / (2 + e) with e = expm1(-2|x|) (about 1 ulp), so small |x| keep their relative accuracy;
 // |x| > 44 gives e = -1, tanh = +-1. NaN lanes are returned as is.
 PGF_INL(PGF_TGT) __m512 v_tanh(__m512 x) {
@@ -71,20 +63,20 @@ void block(const Net& net, const float* states, int64_t r0, int64_t n, float* me
   std::fill(sc.x, sc.x + kBlockRows * K, uint16_t(0));
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < O; c += 16) {
-      const __mmask16 m = static_cast<__mmask16>(O - c >= 16 ? 0xFFFFu : (1u << (O - c)) - 1u);
+      const __mmask16 m = lanes(O - c);
       Store<uint16_t, true>::run(sc.x + i * K + c, m, v_load(states + (r0 + i) * O + c, m));
     }
   amx_gemm(sc.x, kBlockRows, K, net.w_in, H, sc.h, net.b_in, false);
-  norm_elu_rows(sc.h, sc.z, net.ln_w, net.ln_b, H, net.eps, sc.norm);
+  norm_act_rows<Act::Elu>(sc.h, sc.z, kBlockRows, net.ln_w, net.ln_b, H, net.eps, sc.norm);
   for (int64_t l = 1; l < net.layers; ++l) {
     amx_gemm(sc.z, kBlockRows, H, net.w_hidden + (l - 1) * H * H, H, sc.h, net.b_hidden + (l - 1) * H, false);
-    norm_elu_rows(sc.h, sc.z, net.ln_w + l * H, net.ln_b + l * H, H, net.eps, sc.norm);
+    norm_act_rows<Act::Elu>(sc.h, sc.z, kBlockRows, net.ln_w + l * H, net.ln_b + l * H, H, net.eps, sc.norm);
   }
   amx_gemm(sc.z, kBlockRows, H, net.w_out, net.out_cols, sc.h, net.b_out, false);
   const int64_t A = net.act_dim, P = net.out_cols;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < A; c += 16) {
-      const __mmask16 m = static_cast<__mmask16>(A - c >= 16 ? 0xFFFFu : (1u << (A - c)) - 1u);
+      const __mmask16 m = lanes(A - c);
       _mm512_mask_storeu_ps(mean + (r0 + i) * A + c, m, v_tanh(_mm512_maskz_loadu_ps(m, sc.h + i * P + c)));
     }
 }
@@ -95,10 +87,7 @@ void run_blocks(const Net& net, const float* states, int64_t rows, int64_t b0, i
   const int64_t hw = std::max(net.hidden, net.out_cols);
   std::vector<float> h(kBlockRows * hw + 16), norm(kGroup * net.hidden + 16);
   std::vector<uint16_t> x(kBlockRows * net.in_cols + 32), z(kBlockRows * net.hidden + 32);
-  auto align = [](auto* p) {
-    return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
-  };
-  const Scratch sc{align(x.data()), align(z.data()), align(h.data()), align(norm.data())};
+  const Scratch sc{align64(x.data()), align64(z.data()), align64(h.data()), align64(norm.data())};
   configure_tiles();
   for (int64_t bl = b0; bl < b1; ++bl) {
     const int64_t r0 = bl * kBlockRows;

@@ -202,7 +202,7 @@ void layer_norm_act(const void* x, void* y, const void* w, const void* b, int64_
   auto run = [&](int64_t r0, int64_t r1) {
     // 64-byte aligned scratch row, padded to whole vectors.
     std::vector<float> storage(padded * 4 + 16);  // kGroup scratch rows
-    float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+    float* buf = align64(storage.data());
 #if PGF_X86
     if (vec) {
       avx512_rows(x, y, wp, bp, r0, r1, width, x_row_stride, y_row_stride, dt, eps, act, buf);

@@ -40,14 +40,6 @@ struct Scratch {  // one thread's, 64-byte aligned, kChunkRows rows each
   float *h, *o, *norm;  // [rows, width], [rows, out_cols] fp32; kGroup rows for the LayerNorm kernel
 };
 
-// z = bf16(relu(LN(h))) for `rows` (a multiple of kGroup) fp32 rows of h.
-void norm_relu(const float* h, uint16_t* z, int64_t rows, const float* w, const float* b, int64_t width, float eps,
-               float* scratch) {
-  for (int64_t r = 0; r < rows; r += kGroup)
-    avx512_group<float, uint16_t, Act::Relu, true, kGroup>(h + r * width, z + r * width, width, width, w, b, width,
-                                                           width, eps, scratch);
-}
-
 void add_bias(float* h, int64_t rows, const float* b, int64_t width) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < width; c += 16) {
@@ -63,16 +55,15 @@ void chunk(const Trunk& t, const uint16_t* x, int64_t r0, int64_t n, uint16_t* o
   for (int64_t i = 0; i < n; ++i) std::copy(x + (r0 + i) * t.in_dim, x + (r0 + i + 1) * t.in_dim, sc.x + i * K);
   amx_gemm(sc.x, rows, K, t.w_in, W, sc.h, t.b_in, false);
   for (int64_t k = 0; k < t.depth; ++k) {
-    norm_relu(sc.h, sc.z, rows, t.ln_w + k * W, t.ln_b + k * W, W, t.eps, sc.norm);
+    norm_act_rows<Act::Relu>(sc.h, sc.z, rows, t.ln_w + k * W, t.ln_b + k * W, W, t.eps, sc.norm);
     amx_gemm(sc.z, rows, W, t.w_blocks + k * W * W, W, sc.h, nullptr, true);  // h += W_k z: the residual add
     add_bias(sc.h, rows, t.b_blocks + k * W, W);
   }
-  norm_relu(sc.h, sc.z, rows, t.ln_w + t.depth * W, t.ln_b + t.depth * W, W, t.eps, sc.norm);
+  norm_act_rows<Act::Relu>(sc.h, sc.z, rows, t.ln_w + t.depth * W, t.ln_b + t.depth * W, W, t.eps, sc.norm);
   amx_gemm(sc.z, rows, W, t.w_out, t.out_cols, sc.o, t.b_out, false);
-  const __mmask16 tail = static_cast<__mmask16>(t.out_dim % 16 ? (1u << (t.out_dim % 16)) - 1u : 0xFFFFu);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < t.out_dim; c += 16) {
-      const __mmask16 m = c + 16 <= t.out_dim ? static_cast<__mmask16>(0xFFFF) : tail;
+      const __mmask16 m = lanes(t.out_dim - c);
       const __m512 v = _mm512_maskz_loadu_ps(m, sc.o + i * t.out_cols + c);
       Store<uint16_t, true>::run(out + (r0 + i) * t.out_dim + c, m, v);
     }
@@ -84,10 +75,8 @@ void run_rows(const Trunk& t, const uint16_t* x, int64_t r_lo, int64_t r_hi, uin
   const int64_t C = kChunkRows;
   std::vector<uint16_t> xb(C * t.in_cols + 32), zb(C * t.width + 32);
   std::vector<float> hb(C * t.width + 16), ob(C * t.out_cols + 16), nb(kGroup * t.width + 16);
-  auto align = [](auto* p) {
-    return reinterpret_cast<decltype(p)>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
-  };
-  const Scratch sc{align(xb.data()), align(zb.data()), align(hb.data()), align(ob.data()), align(nb.data())};
+  const Scratch sc{align64(xb.data()), align64(zb.data()), align64(hb.data()), align64(ob.data()),
+                   align64(nb.data())};
   configure_tiles();
   for (int64_t r0 = r_lo; r0 < r_hi; r0 += C) chunk(t, x, r0, std::min(C, r_hi - r0), out, sc);
   _tile_release();

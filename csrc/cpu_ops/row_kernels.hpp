@@ -49,6 +49,12 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN -> canonic
 }
 
 
+// p rounded up to the next 64-byte boundary (scratch buffers allocated 64 bytes long, for aligned vector access).
+template <typename T>
+inline T* align64(T* p) {
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));
+}
+
 inline float expm1_nonpos(float t) {  // t in [kExpLo, 0]; branch-free so loops over it vectorise
   // n = round(t / ln2) with the 1.5 * 2^23 trick; with 127 added, the low mantissa bits of nf hold the biased
   // exponent n + 127 in [0, 127], so (bits << 23) is 2^n as a float (0 for n = -127: fine, expm1 = -1 there).
@@ -243,6 +249,21 @@ PGF_INL(PGF_TGT) void avx512_group(const TIn* __restrict x, TOut* __restrict y, 
 }
 
 constexpr int kGroup = 4;
+
+// Mask of the first min(remaining, 16) lanes.
+PGF_INL(PGF_TGT) __mmask16 lanes(int64_t remaining) {
+  return static_cast<__mmask16>(remaining >= 16 ? 0xFFFFu : (1u << remaining) - 1u);
+}
+
+// z = bf16(act(LN(h))) for `rows` (a multiple of kGroup) contiguous fp32 rows of `width` (a multiple of 16): the fused
+// kernels' step from one GEMM's fp32 output to the next GEMM's bf16 operand.
+template <Act A>
+PGF_INL(PGF_TGT) void norm_act_rows(const float* h, uint16_t* z, int64_t rows, const float* w, const float* b,
+                                    int64_t width, float eps, float* scratch) {
+  for (int64_t r = 0; r < rows; r += kGroup)
+    avx512_group<float, uint16_t, A, true, kGroup>(h + r * width, z + r * width, width, width, w, b, width, width,
+                                                   eps, scratch);
+}
 
 #pragma GCC pop_options
 
