@@ -9,7 +9,8 @@ from polygrad_fast.policy import Actor
 from polygrad_fast.reference.guided_sampling import reference_action_step
 from polygrad_fast.reference.step_ops import guided_action_update, guided_state_update
 from polygrad_fast.schedule import NoiseSchedule
-from polygrad_fast.step_ops import CLIP_STATE_CHANGE_MAX_T, SIGMA, action_update_at, state_update_at
+from polygrad_fast.step_ops import (CLIP_STATE_CHANGE_MAX_T, SIGMA, action_update_at, compact_broadcast,
+                                   state_update_at)
 
 B, H, O, A, T = 6, 5, 7, 3, 20
 
@@ -104,6 +105,33 @@ def test_action_update_of_a_respaced_row_compounds_its_trained_steps(K, w):
         want = guided_action_update(actions, mean, std, act.mean, act.scale, row, table, w, 3.0, a_noise, 1.0,
                                     "grad")
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
+
+
+def test_compact_broadcast_narrows_only_the_broadcast_dims():
+    base = torch.rand(1, 4, A)
+    c = compact_broadcast(base.expand(B, 4, A))
+    assert c.shape == (1, 4, A) and torch.equal(c.expand(B, 4, A), base.expand(B, 4, A))
+    assert compact_broadcast(torch.rand(A).expand(B, H, A)).shape == (1, 1, A)
+    full = torch.rand(B, H, A)
+    assert compact_broadcast(full) is full
+    assert compact_broadcast(torch.rand(B, 1, A)).shape == (B, 1, A)  # size-1 dims are left alone
+
+
+@pytest.mark.parametrize("K", [1, 3])
+def test_action_update_is_the_same_for_an_expanded_and_a_materialised_std(K):
+    """The guidance coefficients are computed on the compact std when the std is a broadcast view: the same as for
+    the same values as a full [B,H,A] tensor (the per-state std of a general policy), up to the ulp by which a
+    scalar and a vectorised log1p / expm1 may differ."""
+    norm, policy, x, _, _, _, a_noise = setup(4)
+    actions, act = torch.randn(B, H, A), norm["actions"]
+    _, table = NoiseSchedule(T).respaced(K) if K > 1 else (None, NoiseSchedule(T).step_table())
+    with torch.no_grad():
+        mean, std = policy(norm.unnormalize(x[..., :O], "observations"))
+    assert 0 in std.stride()
+    for row in range(1, K) if K > 1 else (5,):
+        got, want = (action_update_at(actions, mean, s, act.mean, act.scale, table[row], 0.3, 3.0, a_noise, 1.0,
+                                      "grad", False) for s in (std, std.contiguous()))
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.slow
