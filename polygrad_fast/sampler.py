@@ -277,9 +277,9 @@ class FastGuidedSampler:
         # an fp32 copy takes the fp32 states as they are (no per-step cast)
         self._policy_fast = (_PolicyCall(self.policy) if self._policy_copy is None else _PolicyCall(
             self._policy_copy, None if self.policy_dtype == torch.float32 else self.policy_dtype))
-        # The bf16 Actor copy's mean in one native AMX pass (bf16 numerics, so not for an fp32 policy).
+        # The Actor copy's mean in one native pass: AMX for the bf16 copy, AVX-512 / AVX2 FMA for the fp32 one.
         self._fused_actor = None
-        if (ex.cpu_fuse_actor and self._policy_copy is not None and self.policy_dtype == torch.bfloat16
+        if (ex.cpu_fuse_actor and self._policy_copy is not None
                 and cpu_actor.fused_actor_pays_off(self._policy_copy)):
             self._fused_actor = self._policy_fast = cpu_actor.FusedActor(self._policy_copy)
         self.guided_step = GuidedStep(self._denoiser_fast, self._policy_fast, self.normalizer, cfg,

@@ -1,10 +1,15 @@
 """The fused native actor mean (polygrad_fast.cpu_actor) against its plain-torch twin, and its use by the sampler.
 
-Tolerances: the kernel and the twin round at the same points (bf16 weights, states and post-ELU activations) and
-differ only in fp32 summation order (AMX tile products vs torch's GEMM), a few fp32 ulps. Such a difference can
-tip one activation's bf16 rounding (one bf16 ulp, 2^-8 relative), which moves the outputs downstream of it by up to
-~1e-3 (measured: max 1.1e-3 at 2,560 rows, 2.3e-3 at 10,240, 2.8e-3 at hidden 1024; 0.5-2% of outputs off by more
-than 1e-5, mean 1e-6 to 2e-5). So: every |diff| <= 8e-3, at most 5% of outputs beyond 1e-5, mean <= 5e-5. A wrong
+Three kernels: 'amx' (a bf16 actor, AMX tiles), 'avx512' and 'avx2' (an fp32 actor, FMA register tiles; the AVX2
+one runs on this machine too, chosen as ``_fp32_isa`` would on an AVX2 CPU).
+
+Tolerances, bf16: the kernel and the twin round at the same points (bf16 weights, states and post-ELU
+activations) and differ only in fp32 summation order (AMX tile products vs torch's GEMM), a few fp32 ulps. Such a
+difference can tip one activation's bf16 rounding (one bf16 ulp, 2^-8 relative), which moves the outputs downstream
+of it by up to ~1e-3 (measured: max 1.1e-3 at 2,560 rows, 2.3e-3 at 10,240, 2.8e-3 at hidden 1024; 0.5-2% of
+outputs off by more than 1e-5, mean 1e-6 to 2e-5). So: every |diff| <= 8e-3, at most 5% of outputs beyond 1e-5,
+mean <= 5e-5. fp32: nothing is rounded, so only summation order (FMA tiles vs torch's GEMM, the row kernel's
+LayerNorm vs torch's) separates them: measured max 1.6e-6 at 2,560 rows, 2.0e-6 at 10,240; bound 2e-5. A wrong
 weight layout, a dropped bias or a wrong eps moves nearly every output by > 1e-3.
 """
 from __future__ import annotations
@@ -27,6 +32,10 @@ from polygrad_fast.schedule import NoiseSchedule
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
 
 needs_amx = pytest.mark.skipif(not cpu_actor.available(), reason="the fused actor kernel needs AMX-BF16")
+_FP32_BEST = cpu_actor._fp32_isa()
+KERNELS = [pytest.param("amx", marks=needs_amx),
+           pytest.param("avx512", marks=pytest.mark.skipif(_FP32_BEST != "avx512", reason="needs AVX-512")),
+           pytest.param("avx2", marks=pytest.mark.skipif(_FP32_BEST is None, reason="needs AVX2 + FMA"))]
 
 
 def _actor(obs_dim, act_dim, hidden, layers, seed=1):
@@ -38,8 +47,24 @@ def _actor(obs_dim, act_dim, hidden, layers, seed=1):
     return actor
 
 
-def _assert_close_to_twin(got, want):
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """The kernel under test: 'amx' takes a bf16 actor; 'avx512' / 'avx2' an fp32 one, that ISA forced."""
+    if request.param != "amx":
+        monkeypatch.setattr(cpu_actor, "_fp32_isa", lambda: request.param)
+    return request.param
+
+
+def _kernel_actor(kernel, obs_dim, act_dim, hidden, layers, seed=1):
+    actor = _actor(obs_dim, act_dim, hidden, layers, seed)
+    return actor.to(torch.bfloat16) if kernel == "amx" else actor
+
+
+def _assert_close_to_twin(got, want, kernel="amx"):
     d = (got - want).abs()
+    if kernel != "amx":
+        assert d.max().item() <= 2e-5, d.max().item()
+        return
     assert d.max().item() <= 8e-3, d.max().item()
     assert (d > 1e-5).float().mean().item() <= 0.05
     assert d.mean().item() <= 5e-5
@@ -51,32 +76,37 @@ SHAPES = [(11, 3, 256, 2, 2560), (11, 3, 256, 2, 2565), (1, 1, 32, 1, 1), (17, 6
           (40, 17, 160, 2, 50), (3, 1, 1024, 2, 300)]
 
 
-@needs_amx
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"O{o}-A{a}-h{h}-L{l}-r{r}" for o, a, h, l, r in SHAPES])
-def test_kernel_matches_twin(shape):
+def test_kernel_matches_twin(kernel, shape):
     obs_dim, act_dim, hidden, layers, rows = shape
-    actor = _actor(obs_dim, act_dim, hidden, layers)
+    actor = _kernel_actor(kernel, obs_dim, act_dim, hidden, layers)
     states = torch.randn(rows, obs_dim, generator=torch.Generator().manual_seed(2)) * 2
     with torch.inference_mode():
         mean, std = cpu_actor.FusedActor(actor)(states)
         want = cpu_actor.actor_mean_reference(actor, states)
     assert mean.shape == (rows, act_dim) and mean.dtype == torch.float32
-    _assert_close_to_twin(mean, want)
-    torch.testing.assert_close(std, actor.std().expand(rows, act_dim))
+    _assert_close_to_twin(mean, want, kernel)
+    torch.testing.assert_close(std, actor.std().float().expand(rows, act_dim))
 
 
-def test_twin_is_the_actor_in_bf16():
-    """The twin itself: the actor's own fp32 forward up to bf16 rounding (~1e-2 on tanh outputs), on any CPU."""
+def test_fp32_twin_is_the_actor_itself():
     actor = _actor(11, 3, 256, 2)
     states = torch.randn(500, 11) * 2
     with torch.no_grad():
-        d = (cpu_actor.actor_mean_reference(actor, states) - actor(states)[0]).abs()
+        torch.testing.assert_close(cpu_actor.actor_mean_reference(actor, states), actor(states)[0])
+
+
+def test_twin_is_the_actor_in_bf16():
+    """The bf16 twin: the actor's own fp32 forward up to bf16 rounding (~1e-2 on tanh outputs), on any CPU."""
+    actor = _actor(11, 3, 256, 2)
+    states = torch.randn(500, 11) * 2
+    with torch.no_grad():
+        d = (cpu_actor.actor_mean_reference(actor.to(torch.bfloat16), states) - actor.float()(states)[0]).abs()
     assert d.max().item() < 0.05 and d.mean().item() < 5e-3
 
 
-@needs_amx
-def test_batch_dims_threads_and_empty():
-    actor = _actor(11, 3, 64, 2)
+def test_batch_dims_threads_and_empty(kernel):
+    actor = _kernel_actor(kernel, 11, 3, 64, 2)
     fused = cpu_actor.FusedActor(actor)
     states = torch.randn(7, 10, 11)
     before = torch.get_num_threads()
@@ -93,9 +123,8 @@ def test_batch_dims_threads_and_empty():
         assert fused(torch.empty(0, 11))[0].shape == (0, 3)
 
 
-@needs_amx
-def test_nan_state_gives_nan_mean_in_its_row_only():
-    actor = _actor(11, 3, 64, 2)
+def test_nan_state_gives_nan_mean_in_its_row_only(kernel):
+    actor = _kernel_actor(kernel, 11, 3, 64, 2)
     states = torch.randn(40, 11)
     states[5, 2] = float("nan")
     with torch.inference_mode():
@@ -104,9 +133,8 @@ def test_nan_state_gives_nan_mean_in_its_row_only():
     assert mean[torch.arange(40) != 5].isfinite().all()
 
 
-@needs_amx
-def test_refresh_follows_weight_changes():
-    actor = _actor(11, 3, 64, 2)
+def test_refresh_follows_weight_changes(kernel):
+    actor = _kernel_actor(kernel, 11, 3, 64, 2)
     fused = cpu_actor.FusedActor(actor)
     states = torch.randn(64, 11)
     with torch.no_grad():
@@ -114,39 +142,41 @@ def test_refresh_follows_weight_changes():
         actor.mlp[1].bias.add_(0.3)
     fused.refresh()
     with torch.inference_mode():
-        _assert_close_to_twin(fused(states)[0], cpu_actor.actor_mean_reference(actor, states))
+        _assert_close_to_twin(fused(states)[0], cpu_actor.actor_mean_reference(actor, states), kernel)
 
 
-@needs_amx
-def test_fused_layer_norm_copy_and_compile():
-    """The sampler's bf16 copy has its LayerNorm + ELU pairs fused (cpu_layer_norm); the kernel reads it the same,
+def test_fused_layer_norm_copy_and_compile(kernel):
+    """The sampler's policy copy has its LayerNorm + ELU pairs fused (cpu_layer_norm); the kernel reads it the same,
     and the op runs inside a torch.compile'd graph."""
-    actor = _actor(11, 3, 256, 2)
-    copy = _actor(11, 3, 256, 2).to(torch.bfloat16)
+    actor = _kernel_actor(kernel, 11, 3, 256, 2)
+    copy = _kernel_actor(kernel, 11, 3, 256, 2)
     assert fuse_layer_norm_acts(copy) == 2
     states = torch.randn(300, 11)
     with torch.inference_mode():
         eager = cpu_actor.FusedActor(copy)(states)[0]
         compiled = torch.compile(cpu_actor.FusedActor(copy))(states)[0]
-        _assert_close_to_twin(eager, cpu_actor.actor_mean_reference(actor, states))
+        _assert_close_to_twin(eager, cpu_actor.actor_mean_reference(actor, states), kernel)
     assert torch.equal(eager, compiled)
 
 
 def test_fusable_only_for_the_kernels_networks():
     assert not cpu_actor.fusable(Critic(11))
-    assert not cpu_actor.fusable(Actor(11, 3, hidden=48))  # not a multiple of 32
+    assert not cpu_actor.fusable(Actor(11, 3, hidden=48).to(torch.bfloat16))  # bf16: not a multiple of 32
+    assert not cpu_actor.fusable(Actor(11, 3, hidden=40))  # fp32: not a multiple of 16
+    assert not cpu_actor.fusable(Actor(11, 3, hidden=64).double())
     relu = Actor(11, 3, hidden=64)
     relu.mlp[2] = nn.ReLU()
     assert not cpu_actor.fusable(relu)
     with pytest.raises(ValueError, match="multiple of 32"):
-        cpu_actor.FusedActor(Actor(11, 3, hidden=48))
-    assert cpu_actor.fusable(Actor(11, 3, hidden=64)) == cpu_actor.available()
+        cpu_actor.FusedActor(Actor(11, 3, hidden=48).to(torch.bfloat16))
+    assert cpu_actor.fusable(Actor(11, 3, hidden=64).to(torch.bfloat16)) == cpu_actor.available()
+    assert cpu_actor.fusable(Actor(11, 3, hidden=48)) == (cpu_actor.kernel_isa(torch.float32) is not None)
 
 
 @needs_amx
 @torch.no_grad()
 def test_bad_states_are_rejected():
-    fused = cpu_actor.FusedActor(_actor(11, 3, 64, 2))
+    fused = cpu_actor.FusedActor(_actor(11, 3, 64, 2).to(torch.bfloat16))
     with pytest.raises(TypeError, match="float32 CPU tensor, got torch.float64"):
         fused(torch.randn(4, 11, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"states must be \[\.\.\., 11\], got \[4, 12\]"):
@@ -160,10 +190,23 @@ def test_bad_states_are_rejected():
         cpu_actor.actor_mean(torch.randn(4, 40), 3, 40, *weights, 1e-3)  # 40 observations need two 32-wide tiles
 
 
+@pytest.mark.skipif(_FP32_BEST is None, reason="needs AVX2 + FMA")
+@torch.no_grad()
+def test_bad_fp32_weights_are_rejected():
+    fused = cpu_actor.FusedActor(_actor(11, 3, 64, 2))
+    weights = [fused.w_in, fused.b_in, fused.ln_w, fused.ln_b, fused.w_hidden, fused.b_hidden, fused.w_out,
+               fused.b_out]
+    with pytest.raises(ValueError, match=r"w_in must be a contiguous torch.float32 CPU tensor of shape \[4, 12, 16\]"):
+        cpu_actor.actor_mean(torch.randn(4, 12), 3, 12, *weights, 1e-3)
+    with pytest.raises(ValueError, match="w_in must be bfloat16 .* or float32"):
+        cpu_actor.actor_mean(torch.randn(4, 11), 3, 11, fused.w_in.double(), *weights[1:], 1e-3)
+    with pytest.raises(ValueError, match="cannot run on this CPU|isa must be"):
+        cpu_actor._module.actor_mean(0, 0, 11, 64, 2, 3, 0, 0, 0, 0, 1e-3, 0, 0, 0, 0, 0, 1, "sse")
 
-@needs_amx
-def test_no_silent_loss_of_gradients():
-    actor = _actor(11, 3, 64, 2)  # trainable parameters
+
+
+def test_no_silent_loss_of_gradients(kernel):
+    actor = _kernel_actor(kernel, 11, 3, 64, 2)  # trainable parameters
     with pytest.raises(RuntimeError, match="no autograd"):
         cpu_actor.FusedActor(actor)(torch.randn(4, 11))
     with torch.no_grad():
@@ -187,8 +230,8 @@ def test_pays_off_check_keeps_the_global_rng():
     assert torch.equal(torch.rand(3), want)
 
 
-def sampler_pair(compile, switch, denoiser_hidden=64, policy=None):
-    """(denoiser, policy, fused sampler, plain sampler with ``switch``=False): bf16 samplers on a small MLP
+def sampler_pair(compile, switch, denoiser_hidden=64, policy=None, dtype="bfloat16"):
+    """(denoiser, policy, fused sampler, plain sampler with ``switch``=False): samplers in ``dtype`` on a small MLP
     denoiser (H=5, O=11, A=3, T=8), the same modules."""
     torch.manual_seed(0)
     H, O, A = 5, 11, 3
@@ -197,7 +240,7 @@ def sampler_pair(compile, switch, denoiser_hidden=64, policy=None):
     rng = np.random.default_rng(0)
     normalizer = Normalizer({"observations": (rng.normal(size=O), rng.uniform(0.5, 2.0, O)),
                              "actions": (np.zeros(A), np.ones(A)), "rewards": (0.0, 1.0), "terminals": (0.0, 1.0)})
-    kw = dict(denoiser_dtype="bfloat16", compile=compile, backend="torch", guidance_scale=0.05)
+    kw = dict(denoiser_dtype=dtype, compile=compile, backend="torch", guidance_scale=0.05)
     return (denoiser, policy, FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, **kw),
             FastGuidedSampler(denoiser, NoiseSchedule(8), policy, normalizer, **{switch: False}, **kw))
 
@@ -224,3 +267,17 @@ def test_sampler_uses_it_and_follows_the_live_policy(compile):
     for a, b in same_noise_batches(fused, plain, lambda: policy.mlp[-1].bias.add_(0.5)):
         d = (a.actions - b.actions).abs()
         assert d.max().item() < 0.05 and d.mean().item() < 2e-3
+
+
+@pytest.mark.skipif(_FP32_BEST is None, reason="needs AVX2 + FMA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_fp32_sampler_uses_it_and_follows_the_live_policy(compile, monkeypatch):
+    """fp32 sampler with the fused fp32 actor vs without (same noise; the kernel taken whatever it measured, to test
+    what it computes): the same trajectories up to fp32 summation order compounded over the chain."""
+    monkeypatch.setattr(cpu_actor, "fused_actor_pays_off", cpu_actor.fusable)
+    _, policy, fused, plain = sampler_pair(compile, "cpu_fuse_actor", dtype="float32")
+    assert isinstance(fused._fused_actor, cpu_actor.FusedActor) and fused._fused_actor.dtype == torch.float32
+    assert plain._fused_actor is None
+    for a, b in same_noise_batches(fused, plain, lambda: policy.mlp[-1].bias.add_(0.5)):
+        torch.testing.assert_close(a.actions, b.actions, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.observations, b.observations, atol=1e-4, rtol=0)

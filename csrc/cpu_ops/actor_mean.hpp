@@ -1,4 +1,5 @@
-// The actor's mean action, tanh(MLP(s)), as one fused CPU pass over blocks of rows (AMX-BF16 for the hidden GEMMs).
+// The actor's mean action, tanh(MLP(s)), as one fused CPU pass over blocks of rows: bf16 with AMX-BF16 tile GEMMs, or
+// fp32 with AVX-512 / AVX2 FMA register tiles.
 // No torch headers: callers pass raw pointers (see bindings.cpp and polygrad_fast/cpu_actor.py).
 #pragma once
 
@@ -23,5 +24,20 @@ void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidd
                 const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
                 const uint16_t* w_hidden, const float* b_hidden, const uint16_t* w_out, const float* b_out,
                 float* mean, int threads);
+
+// The same network in fp32 for an fp32 actor: z_0 = s_r, no bf16 rounding anywhere, LN_l as above, tanh in fp32.
+// Every weight matrix W [N, K] is fp32 in 16-column panels, [N / 16][K][16] with entry (p, k, j) = W[16 p + j][k],
+// N zero-padded to a multiple of 16 (K unpadded): w_in [hidden / 16][obs_dim][16], w_hidden the layers - 1 matrices
+// [hidden / 16][hidden][16] one after the other, w_out [act_dim padded to 16 / 16][hidden][16], b_out padded alike.
+// Needs hidden % 16 == 0; avx512 selects the AVX-512 kernel (else AVX2 + FMA), which the CPU must have
+// (actor_mean_f32_isa). Rows split over `threads` in blocks of 24 (results do not depend on `threads`).
+void actor_mean_f32(const float* states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers,
+                    int64_t act_dim, const float* w_in, const float* b_in, const float* ln_w, const float* ln_b,
+                    float eps, const float* w_hidden, const float* b_hidden, const float* w_out, const float* b_out,
+                    float* mean, int threads, bool avx512);
+
+// "avx512" where actor_mean_f32 can run its AVX-512 kernel (and PGF_CPU_OPS_NO_AVX512 is unset), else "avx2" where the
+// CPU has AVX2 and FMA, else "".
+const char* actor_mean_f32_isa();
 
 }  // namespace pgf_ops

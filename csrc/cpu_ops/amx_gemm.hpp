@@ -11,10 +11,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace pgf_ops {
 namespace {
 
@@ -112,23 +108,6 @@ inline bool amx_usable() {
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return ok;
-}
-
-// fn(b0, b1) on nt OpenMP threads (the calling thread alone when nt <= 1), thread i of n taking the contiguous
-// range [blocks i / n, blocks (i + 1) / n) of `blocks` row blocks: each thread keeps its rows for a whole call.
-template <typename Fn>
-inline void for_block_ranges(int64_t blocks, int nt, Fn&& fn) {
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    {
-      const int n = omp_get_num_threads(), i = omp_get_thread_num();
-      fn(blocks * i / n, blocks * (i + 1) / n);
-    }
-    return;
-  }
-#endif
-  fn(int64_t(0), blocks);
 }
 
 }  // namespace

@@ -60,30 +60,43 @@ PYBIND11_MODULE(_cpu_ops, m) {
       "actor_mean",
       [](uintptr_t states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
          uintptr_t w_in, uintptr_t b_in, uintptr_t ln_w, uintptr_t ln_b, double eps, uintptr_t w_hidden,
-         uintptr_t b_hidden, uintptr_t w_out, uintptr_t b_out, uintptr_t mean, int threads) {
-        if (!pgf_ops::amx_kernels_available()) throw py::value_error("actor_mean: AMX-BF16 is not usable here");
-        if (rows < 0 || obs_dim < 1 || layers < 1 || act_dim < 1 || hidden < 32 || hidden % 32)
+         uintptr_t b_hidden, uintptr_t w_out, uintptr_t b_out, uintptr_t mean, int threads, const std::string& isa) {
+        const bool amx = isa == "amx", fp32 = isa == "avx512" || isa == "avx2";
+        if (!amx && !fp32) throw py::value_error("actor_mean: isa must be 'amx', 'avx512' or 'avx2', got '" + isa + "'");
+        if (amx && !pgf_ops::amx_kernels_available()) throw py::value_error("actor_mean: AMX-BF16 is not usable here");
+        const std::string best = pgf_ops::actor_mean_f32_isa();
+        if (fp32 && !(isa == best || (isa == "avx2" && best == "avx512")))
+          throw py::value_error("actor_mean: the " + isa + " kernel cannot run on this CPU (best: '" + best + "')");
+        const int64_t multiple = amx ? 32 : 16;
+        if (rows < 0 || obs_dim < 1 || layers < 1 || act_dim < 1 || hidden < multiple || hidden % multiple)
           throw py::value_error("actor_mean: need rows >= 0, obs_dim, layers, act_dim >= 1 and hidden a multiple "
-                                "of 32, got rows " + std::to_string(rows) + ", obs_dim " + std::to_string(obs_dim) +
-                                ", hidden " + std::to_string(hidden) + ", layers " + std::to_string(layers) +
-                                ", act_dim " + std::to_string(act_dim));
+                                "of " + std::to_string(multiple) + ", got rows " + std::to_string(rows) +
+                                ", obs_dim " + std::to_string(obs_dim) + ", hidden " + std::to_string(hidden) +
+                                ", layers " + std::to_string(layers) + ", act_dim " + std::to_string(act_dim));
         if (rows > 0 && (!states || !mean || !w_in || !b_in || !ln_w || !ln_b || !w_out || !b_out ||
                          (layers > 1 && (!w_hidden || !b_hidden))))
           throw py::value_error("actor_mean: null data pointer");
         py::gil_scoped_release release;
-        pgf_ops::actor_mean(reinterpret_cast<const float*>(states), rows, obs_dim, hidden, layers, act_dim,
-                            reinterpret_cast<const uint16_t*>(w_in), reinterpret_cast<const float*>(b_in),
-                            reinterpret_cast<const float*>(ln_w), reinterpret_cast<const float*>(ln_b),
-                            static_cast<float>(eps), reinterpret_cast<const uint16_t*>(w_hidden),
-                            reinterpret_cast<const float*>(b_hidden), reinterpret_cast<const uint16_t*>(w_out),
-                            reinterpret_cast<const float*>(b_out), reinterpret_cast<float*>(mean), threads);
+        const auto f = [](uintptr_t p) { return reinterpret_cast<const float*>(p); };
+        const auto u = [](uintptr_t p) { return reinterpret_cast<const uint16_t*>(p); };
+        if (amx)
+          pgf_ops::actor_mean(f(states), rows, obs_dim, hidden, layers, act_dim, u(w_in), f(b_in), f(ln_w), f(ln_b),
+                              static_cast<float>(eps), u(w_hidden), f(b_hidden), u(w_out), f(b_out),
+                              reinterpret_cast<float*>(mean), threads);
+        else
+          pgf_ops::actor_mean_f32(f(states), rows, obs_dim, hidden, layers, act_dim, f(w_in), f(b_in), f(ln_w),
+                                  f(ln_b), static_cast<float>(eps), f(w_hidden), f(b_hidden), f(w_out), f(b_out),
+                                  reinterpret_cast<float*>(mean), threads, isa == "avx512");
       },
       py::arg("states"), py::arg("rows"), py::arg("obs_dim"), py::arg("hidden"), py::arg("layers"),
       py::arg("act_dim"), py::arg("w_in"), py::arg("b_in"), py::arg("ln_w"), py::arg("ln_b"), py::arg("eps"),
       py::arg("w_hidden"), py::arg("b_hidden"), py::arg("w_out"), py::arg("b_out"), py::arg("mean"),
-      py::arg("threads"),
+      py::arg("threads"), py::arg("isa"),
       "mean [rows, act_dim] = tanh(MLP(states)) for the actor MLP described in csrc/cpu_ops/actor_mean.hpp; "
-      "pointers as integers, all contiguous; raises unless amx_kernels_available().");
+      "pointers as integers, all contiguous; isa 'amx' (bf16 VNNI weights; raises unless amx_kernels_available()) "
+      "or 'avx512' / 'avx2' (fp32 panel weights; raises where the CPU lacks it).");
+  m.def("actor_mean_f32_isa", &pgf_ops::actor_mean_f32_isa,
+        "The best fp32 actor_mean kernel this CPU runs: 'avx512' (unless PGF_CPU_OPS_NO_AVX512), 'avx2' or ''.");
   m.def("amx_kernels_available", &pgf_ops::amx_kernels_available,
         "Whether actor_mean, residual_mlp and amx_linear can run here (AMX-BF16 usable by this process, "
         "PGF_CPU_OPS_NO_AMX unset).");

@@ -17,76 +17,12 @@
 #include <algorithm>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace pgf_ops {
 namespace {
 
 // Below this many elements the whole call runs on the calling thread (waking workers costs more than it saves).
 constexpr int64_t kSerialElems = 16384;
 
-
-// Branch-free, so the portable loops vectorise. ELU as the AVX-512 path: t = -min(|v|, 88), max(expm1(t), v) (for
-// v <= 0, expm1(v) >= v; for v > 0, expm1(t) < 0 < v); a NaN v fails both comparisons and is returned as is.
-template <Act A>
-inline float act_scalar(float v) {
-  if constexpr (A == Act::Relu) {
-    return v < 0.0f ? 0.0f : v;  // NaN is not < 0: propagates, like torch.relu
-  } else if constexpr (A == Act::Elu) {
-    const float a = std::fabs(v);
-    const float t = -(a < -kExpLo ? a : -kExpLo);
-    const float e = expm1_nonpos(t);
-    return e > v ? e : v;
-  } else {
-    return v;
-  }
-}
-
-template <typename T>
-inline float load_scalar(const T* p, int64_t i) {
-  if constexpr (std::is_same_v<T, uint16_t>) return bf16_to_f32(p[i]);
-  else return p[i];
-}
-
-template <typename T>
-inline void store_scalar(T* p, int64_t i, float v) {
-  if constexpr (std::is_same_v<T, uint16_t>) p[i] = f32_to_bf16(v);
-  else p[i] = v;
-}
-
-template <typename T, Act A>
-inline void generic_row(const T* __restrict x, T* __restrict y, const float* __restrict w, const float* __restrict b,
-                        int64_t width, float eps, float* __restrict buf) {
-  float sum = 0.0f;
-  for (int64_t i = 0; i < width; ++i) buf[i] = load_scalar(x, i);
-  // 8 partial sums in a fixed order (vectorisable without -ffast-math reassociation).
-  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= width; i += 8)
-    for (int k = 0; k < 8; ++k) part[k] += buf[i + k];
-  for (int k = 0; k < 8; ++k) sum += part[k];
-  for (; i < width; ++i) sum += buf[i];
-  const float mean = sum / static_cast<float>(width);
-  float vpart[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  float var = 0.0f;
-  i = 0;
-  for (; i + 8 <= width; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      float d = buf[i + k] - mean;
-      vpart[k] += d * d;
-    }
-  for (int k = 0; k < 8; ++k) var += vpart[k];
-  for (; i < width; ++i) {
-    float d = buf[i] - mean;
-    var += d * d;
-  }
-  var /= static_cast<float>(width);
-  const float rstd = 1.0f / std::sqrt(var + eps);
-  for (int64_t j = 0; j < width; ++j) buf[j] = act_scalar<A>((buf[j] - mean) * rstd * w[j] + b[j]);
-  for (int64_t j = 0; j < width; ++j) store_scalar(y, j, buf[j]);
-}
 
 template <typename T, Act A>
 inline void generic_rows_impl(const void* xv, void* yv, const float* w, const float* b, int64_t r0, int64_t r1,
@@ -215,19 +151,7 @@ void layer_norm_act(const void* x, void* y, const void* w, const void* b, int64_
   int nt = std::max(1, threads);
   if (rows * width < kSerialElems || rows < 2) nt = 1;
   nt = static_cast<int>(std::min<int64_t>(nt, rows));
-#ifdef _OPENMP
-  if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-    {
-      // Static, contiguous split: thread t owns rows [t*rows/n, (t+1)*rows/n).
-      const int n = omp_get_num_threads();
-      const int t = omp_get_thread_num();
-      run(rows * t / n, rows * (t + 1) / n);
-    }
-    return;
-  }
-#endif
-  run(0, rows);
+  for_block_ranges(rows, nt, run);  // thread t owns rows [t rows / n, (t + 1) rows / n)
 }
 
 }  // namespace pgf_ops

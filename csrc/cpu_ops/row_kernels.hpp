@@ -1,5 +1,6 @@
-// Row-level math shared by the fused CPU kernels (layer_norm_act.cpp, actor_mean.cpp): bf16 conversion,
-// the range-reduced expm1 of ELU, and the AVX-512 LayerNorm + activation over groups of rows. Everything sits in
+// Row-level math shared by the fused CPU kernels (layer_norm_act.cpp, actor_mean.cpp, residual_mlp.cpp): bf16
+// conversion, the range-reduced expm1 of ELU, the portable and the AVX-512 LayerNorm + activation, and the split of
+// rows over OpenMP threads. Everything sits in
 // an anonymous namespace: each kernel file compiles its own copy (no cross-file symbols, no ODR concerns).
 #pragma once
 
@@ -10,6 +11,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define PGF_X86 1
@@ -77,6 +82,85 @@ inline float expm1_nonpos(float t) {  // t in [kExpLo, 0]; branch-free so loops 
   return q * s + (s - 1.0f);
 }
 
+
+// The portable LayerNorm + activation of one row (layer_norm_act's fallback, the fp32 actor's AVX2 path), which
+// GCC vectorises for the ISA of the function it is inlined into. Branch-free, so the loops vectorise. ELU as the AVX-512 path: t = -min(|v|, 88), max(expm1(t), v) (for
+// v <= 0, expm1(v) >= v; for v > 0, expm1(t) < 0 < v); a NaN v fails both comparisons and is returned as is.
+template <Act A>
+inline float act_scalar(float v) {
+  if constexpr (A == Act::Relu) {
+    return v < 0.0f ? 0.0f : v;  // NaN is not < 0: propagates, like torch.relu
+  } else if constexpr (A == Act::Elu) {
+    const float a = std::fabs(v);
+    const float t = -(a < -kExpLo ? a : -kExpLo);
+    const float e = expm1_nonpos(t);
+    return e > v ? e : v;
+  } else {
+    return v;
+  }
+}
+
+template <typename T>
+inline float load_scalar(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, uint16_t>) return bf16_to_f32(p[i]);
+  else return p[i];
+}
+
+template <typename T>
+inline void store_scalar(T* p, int64_t i, float v) {
+  if constexpr (std::is_same_v<T, uint16_t>) p[i] = f32_to_bf16(v);
+  else p[i] = v;
+}
+
+template <typename T, Act A>
+inline void generic_row(const T* __restrict x, T* __restrict y, const float* __restrict w, const float* __restrict b,
+                        int64_t width, float eps, float* __restrict buf) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < width; ++i) buf[i] = load_scalar(x, i);
+  // 8 partial sums in a fixed order (vectorisable without -ffast-math reassociation).
+  float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= width; i += 8)
+    for (int k = 0; k < 8; ++k) part[k] += buf[i + k];
+  for (int k = 0; k < 8; ++k) sum += part[k];
+  for (; i < width; ++i) sum += buf[i];
+  const float mean = sum / static_cast<float>(width);
+  float vpart[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float var = 0.0f;
+  i = 0;
+  for (; i + 8 <= width; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      float d = buf[i + k] - mean;
+      vpart[k] += d * d;
+    }
+  for (int k = 0; k < 8; ++k) var += vpart[k];
+  for (; i < width; ++i) {
+    float d = buf[i] - mean;
+    var += d * d;
+  }
+  var /= static_cast<float>(width);
+  const float rstd = 1.0f / std::sqrt(var + eps);
+  for (int64_t j = 0; j < width; ++j) buf[j] = act_scalar<A>((buf[j] - mean) * rstd * w[j] + b[j]);
+  for (int64_t j = 0; j < width; ++j) store_scalar(y, j, buf[j]);
+}
+
+
+// fn(b0, b1) on nt OpenMP threads (the calling thread alone when nt <= 1), thread i of n taking the contiguous
+// range [blocks i / n, blocks (i + 1) / n) of `blocks` row blocks: each thread keeps its rows for a whole call.
+template <typename Fn>
+inline void for_block_ranges(int64_t blocks, int nt, Fn&& fn) {
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+    {
+      const int n = omp_get_num_threads(), i = omp_get_thread_num();
+      fn(blocks * i / n, blocks * (i + 1) / n);
+    }
+    return;
+  }
+#endif
+  fn(int64_t(0), blocks);
+}
 
 #if PGF_X86
 // The whole section is compiled for AVX-512 (+BF16: only Store<uint16_t, true> uses VCVTNEPS2BF16, and it only runs
