@@ -73,12 +73,15 @@ def _assert_close_to_twin(got, want, kernel="amx"):
 # (obs_dim, act_dim, hidden, layers, rows): odd rows and tails of the 32-row blocks, H = 1 style single rows,
 # non-power-of-2 widths, obs_dim above one 32-wide tile, act_dim above one 16-wide tile, 1 and 3 hidden layers.
 SHAPES = [(11, 3, 256, 2, 2560), (11, 3, 256, 2, 2565), (1, 1, 32, 1, 1), (17, 6, 96, 3, 33), (5, 2, 64, 2, 7),
-          (40, 17, 160, 2, 50), (3, 1, 1024, 2, 300)]
+          (40, 17, 160, 2, 50), (3, 1, 1024, 2, 300),
+          (7, 5, 48, 2, 29), (11, 3, 80, 3, 100)]  # fp32 only: an odd number of 16-column panels
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"O{o}-A{a}-h{h}-L{l}-r{r}" for o, a, h, l, r in SHAPES])
 def test_kernel_matches_twin(kernel, shape):
     obs_dim, act_dim, hidden, layers, rows = shape
+    if kernel == "amx" and hidden % 32:
+        pytest.skip("the AMX kernel takes hidden widths that are multiples of 32")
     actor = _kernel_actor(kernel, obs_dim, act_dim, hidden, layers)
     states = torch.randn(rows, obs_dim, generator=torch.Generator().manual_seed(2)) * 2
     with torch.inference_mode():

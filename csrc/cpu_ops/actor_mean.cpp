@@ -105,7 +105,7 @@ void run_blocks(const Net& net, const float* states, int64_t rows, int64_t b0, i
 // and back: 1.67 ms for 2,560 rows at hidden 256 (2 threads, AVX-512), where its 256 x 256 GEMM alone takes 0.96 ms.
 // Here a block of 24 rows goes through the whole network in L1/L2: each layer as register tiles of 8 rows x 32
 // columns (AVX-512: 16 accumulators) or 6 rows x 16 columns (AVX2: 12), the bias preloaded into the accumulators,
-// the weight streamed from its 16-column panels, LayerNorm + ELU by the row kernels of row_kernels.hpp, tanh last.
+// the weight streamed from its 16-column panels, LayerNorm + ELU by the AVX-512 / AVX2 row kernels of row_kernels.hpp, tanh last.
 
 constexpr int64_t kF32BlockRows = 24;  // 3 tiles of 8 rows (AVX-512), 4 of 6 (AVX2)
 
@@ -213,8 +213,9 @@ struct F32Avx2 {
   }
   static void norm_elu(const float* h, float* z, const float* w, const float* b, int64_t width, float eps,
                        float* buf) {
-    for (int64_t r = 0; r < kF32BlockRows; ++r)
-      generic_row<float, Act::Elu>(h + r * width, z + r * width, w, b, width, eps, buf);
+    (void)buf;
+    for (int64_t r = 0; r < kF32BlockRows; r += kGroup)
+      avx2_group<Act::Elu, kGroup>(h + r * width, z + r * width, width, width, w, b, width, eps);
   }
 };
 

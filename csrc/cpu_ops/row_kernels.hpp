@@ -163,6 +163,99 @@ inline void for_block_ranges(int64_t blocks, int nt, Fn&& fn) {
 }
 
 #if PGF_X86
+// ---- AVX2 + FMA: LayerNorm + activation of fp32 rows, 8 lanes (the CPUs without AVX-512) ----
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// expm1(t) for t in [kExpLo, 0]: v_expm1_nonpos below in 8 lanes (the same polynomial and range reduction).
+__attribute__((always_inline)) inline __m256 v8_expm1_nonpos(__m256 t) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f + 127.0f);
+  const __m256 nf = _mm256_fmadd_ps(t, _mm256_set1_ps(kLog2e), magic);
+  const __m256 n = _mm256_sub_ps(nf, magic);
+  const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2), t);
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  const __m256 q = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+  const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(nf), 23));
+  return _mm256_fmadd_ps(q, s, _mm256_sub_ps(s, _mm256_set1_ps(1.0f)));
+}
+
+// As v_act: ELU(v) = max(expm1(-min(|v|, 88)), v), ReLU = max(0, v); MAXPS returns its second operand (v) when
+// either is NaN, so NaN propagates.
+template <Act A>
+__attribute__((always_inline)) inline __m256 v8_act(__m256 v) {
+  if constexpr (A == Act::Relu) {
+    return _mm256_max_ps(_mm256_setzero_ps(), v);
+  } else if constexpr (A == Act::Elu) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256 t = _mm256_or_ps(_mm256_min_ps(_mm256_andnot_ps(sign, v), _mm256_set1_ps(-kExpLo)), sign);
+    return _mm256_max_ps(v8_expm1_nonpos(t), v);
+  } else {
+    return v;
+  }
+}
+
+__attribute__((always_inline)) inline float v8_sum(__m256 v) {
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+
+// G fp32 rows of `width` (a multiple of 8) at once, interleaved as avx512_group (two passes for mean and variance,
+// straight from x: no scratch row for fp32 input), y = act((x - mean) rstd w + b).
+template <Act A, int G>
+__attribute__((always_inline)) inline void avx2_group(const float* __restrict x, float* __restrict y, int64_t xs,
+                                                      int64_t ys, const float* __restrict w,
+                                                      const float* __restrict b, int64_t width, float eps) {
+  const float inv_w = 1.0f / static_cast<float>(width);
+  __m256 acc[G][2];
+  for (int g = 0; g < G; ++g) acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= width; i += 16)
+    for (int g = 0; g < G; ++g) {
+      acc[g][0] = _mm256_add_ps(acc[g][0], _mm256_loadu_ps(x + g * xs + i));
+      acc[g][1] = _mm256_add_ps(acc[g][1], _mm256_loadu_ps(x + g * xs + i + 8));
+    }
+  for (; i < width; i += 8)
+    for (int g = 0; g < G; ++g) acc[g][0] = _mm256_add_ps(acc[g][0], _mm256_loadu_ps(x + g * xs + i));
+  __m256 vm[G];
+  for (int g = 0; g < G; ++g) {
+    vm[g] = _mm256_set1_ps(v8_sum(_mm256_add_ps(acc[g][0], acc[g][1])) * inv_w);
+    acc[g][0] = acc[g][1] = _mm256_setzero_ps();
+  }
+  for (i = 0; i + 16 <= width; i += 16)
+    for (int g = 0; g < G; ++g) {
+      const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + g * xs + i), vm[g]);
+      const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(x + g * xs + i + 8), vm[g]);
+      acc[g][0] = _mm256_fmadd_ps(d0, d0, acc[g][0]);
+      acc[g][1] = _mm256_fmadd_ps(d1, d1, acc[g][1]);
+    }
+  for (; i < width; i += 8)
+    for (int g = 0; g < G; ++g) {
+      const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + g * xs + i), vm[g]);
+      acc[g][0] = _mm256_fmadd_ps(d0, d0, acc[g][0]);
+    }
+  __m256 vr[G];
+  for (int g = 0; g < G; ++g) {
+    const float var = v8_sum(_mm256_add_ps(acc[g][0], acc[g][1])) * inv_w;
+    vr[g] = _mm256_set1_ps(1.0f / std::sqrt(var + eps));
+  }
+  for (i = 0; i < width; i += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + i), bv = _mm256_loadu_ps(b + i);
+    for (int g = 0; g < G; ++g) {
+      const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + g * xs + i), vm[g]);
+      _mm256_storeu_ps(y + g * ys + i, v8_act<A>(_mm256_fmadd_ps(_mm256_mul_ps(d, vr[g]), wv, bv)));
+    }
+  }
+}
+
+#pragma GCC pop_options
+#endif  // PGF_X86
+
+#if PGF_X86
 // The whole section is compiled for AVX-512 (+BF16: only Store<uint16_t, true> uses VCVTNEPS2BF16, and it only runs
 // where cpu_has_avx512bf16()); nothing here runs unless cpu_has_avx512() said so at run time.
 #pragma GCC push_options
