@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ._native import CPU_OPS, extension
-from .backend import choose_fastest, cpu_isa, min_time
+from .backend import choose_fastest, cpu_isa, interleaved_min_times
 
 _module = extension(CPU_OPS)
 
@@ -71,10 +71,10 @@ def check_tensors(op: str, want: dict[str, tuple[tuple[int, ...], torch.dtype]],
 
 
 def fused_is_faster(plain: Callable[[], object], fused: Callable[[], object]) -> bool:
-    """True when ``fused()`` measured faster than ``plain()`` (``backend.min_time`` each, inference mode;
+    """True when ``fused()`` measured faster than ``plain()`` (``backend.interleaved_min_times``, inference mode;
     ``backend.choose_fastest`` with the plain call preferred, so fused must win by more than the tie tolerance)."""
     with torch.inference_mode():
-        timings = {"plain": min_time(plain), "fused": min_time(fused)}
+        timings = interleaved_min_times({"plain": plain, "fused": fused})
     return choose_fastest(timings, prefer="plain") == "fused"
 
 

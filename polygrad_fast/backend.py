@@ -190,14 +190,38 @@ def min_time(fn: typing.Callable[[], object], reps: int = 5, warmup: int = 1) ->
     return best
 
 
-def linear_time(rows: int, in_features: int, out_features: int, dtype: torch.dtype, reps: int = 5) -> float:
-    """``min_time`` of one ``F.linear`` [rows, in] x [out, in]^T + bias in ``dtype`` on CPU, inference mode."""
+def interleaved_min_times(calls: typing.Mapping[str, typing.Callable[[], object]], reps: int = 7,
+                          warmup: int = 1) -> dict[str, float]:
+    """{name: smallest wall time (seconds) of ``calls[name]()`` over ``reps`` rounds}, after ``warmup`` untimed
+    rounds; each round calls every candidate once, in an order rotated by one per round, so a slow spell of a shared
+    host slows all candidates alike instead of one of them. Timed one after the other (``min_time`` each), the
+    fp32 1024x1024 GEMM at 256 rows measured plain vs oneDNN-prepacked the wrong way round in 2 of 6 fresh processes
+    on a loaded 2-core AVX2 EPYC (plain 23.9 vs packed 26.7 ms once, 13-14 vs 12 ms steady)."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    best = dict.fromkeys(names, math.inf)
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = perf_counter()
+            calls[name]()
+            best[name] = min(best[name], perf_counter() - t0)
+    return best
+
+
+def linear_call(rows: int, in_features: int, out_features: int, dtype: torch.dtype,
+                residual: bool = False) -> typing.Callable[[], torch.Tensor]:
+    """A call of one ``F.linear`` [rows, in] x [out, in]^T + bias in ``dtype`` on CPU (to time, in inference mode);
+    ``residual``: then + a [rows, out] skip connection, as an unpacked residual block adds it."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, in_features, generator=g).to(dtype)
     w = (torch.randn(out_features, in_features, generator=g) / math.sqrt(in_features)).to(dtype)
     b = torch.zeros(out_features, dtype=dtype)
-    with torch.inference_mode():
-        return min_time(lambda: torch.nn.functional.linear(x, w, b), reps=reps)
+    if residual:
+        skip = torch.randn(rows, out_features, generator=g).to(dtype)
+        return lambda: skip + torch.nn.functional.linear(x, w, b)
+    return lambda: torch.nn.functional.linear(x, w, b)
 
 
 def cpu_bf16_gemm_supported() -> bool:
@@ -210,13 +234,15 @@ def cpu_bf16_gemm_supported() -> bool:
 def measured_cpu_dtype() -> torch.dtype:
     """The faster of fp32 and bf16 for the denoiser's GEMM on this CPU, measured once per process (cached).
 
-    Times ``linear_time(PROBE_ROWS, PROBE_WIDTH, PROBE_WIDTH)`` in fp32 and, where ``cpu_bf16_gemm_supported()``,
-    in bf16 (a few ms), at torch's current thread count, and returns ``choose_fastest`` of the two with fp32
-    preferred (bf16 must be > ``TIE_TOLERANCE`` faster). No bf16 support: fp32 without timing anything.
+    Times ``linear_call(PROBE_ROWS, PROBE_WIDTH, PROBE_WIDTH)`` in fp32 and, where ``cpu_bf16_gemm_supported()``,
+    in bf16 (``interleaved_min_times``, a few ms), at torch's current thread count, and returns ``choose_fastest``
+    of the two with fp32 preferred (bf16 must be > ``TIE_TOLERANCE`` faster). No bf16 support: fp32 without timing anything.
     """
     timings: dict[str, float | None] = {"float32": None, "bfloat16": None}
     if cpu_bf16_gemm_supported():
-        timings = {name: linear_time(PROBE_ROWS, PROBE_WIDTH, PROBE_WIDTH, DTYPES[name]) for name in timings}
+        with torch.inference_mode():
+            timings = interleaved_min_times({name: linear_call(PROBE_ROWS, PROBE_WIDTH, PROBE_WIDTH, DTYPES[name])
+                                             for name in timings})
     else:
         timings["float32"] = 1.0  # the only candidate: no need to time it
     return DTYPES[choose_fastest(timings, prefer="float32")]

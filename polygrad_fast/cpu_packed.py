@@ -27,13 +27,14 @@ import copy
 import functools
 import itertools
 import os
+import typing
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backend import choose_fastest, linear_time, min_time
+from .backend import choose_fastest, interleaved_min_times, linear_call
 
 _PACKED: dict[int, torch.Tensor] = {}  # slot -> packed weight (opaque mkldnn tensor)
 _SLOTS = itertools.count()
@@ -161,28 +162,36 @@ def prepack_mode() -> str:
     return mode
 
 
-def packed_linear_time(rows: int, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
-                       reps: int = 5) -> float:
-    """``backend.min_time`` of one packed GEMM (+ bias) [rows, in] x [out, in]^T in ``dtype``, packed for ``rows``."""
+def packed_linear_call(rows: int, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
+                       residual: bool = False) -> typing.Callable[[], torch.Tensor]:
+    """A call of one packed GEMM (+ bias) [rows, in] x [out, in]^T in ``dtype``, packed for ``rows`` (to time, in
+    inference mode; the twin of ``backend.linear_call``, same inputs); ``residual``: + a [rows, out] skip
+    connection in the epilogue, as ``PackedLinear.forward(x, residual)`` runs it."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(rows, in_features, generator=g).to(dtype)
-    w = torch.randn(out_features, in_features, generator=g).div_(in_features ** 0.5).to(dtype)
+    w = (torch.randn(out_features, in_features, generator=g) / in_features ** 0.5).to(dtype)
     b = torch.zeros(out_features, dtype=dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    with torch.inference_mode():
-        return min_time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), reps=reps)
+    if residual:
+        skip = torch.randn(rows, out_features, generator=g).to(dtype)
+        return lambda: torch.ops.mkldnn._linear_pointwise.binary(x, skip, packed, b, "add")
+    return lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
 @functools.lru_cache(maxsize=None)
-def packing_pays_off(rows: int, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+def packing_pays_off(rows: int, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16,
+                     residual: bool = False) -> bool:
     """True when the packed GEMM at this shape and dtype measured faster than plain ``F.linear`` on this CPU
-    (``backend.choose_fastest``, plain preferred: packed must be > ``backend.TIE_TOLERANCE`` faster). Measured once
-    per shape, dtype and process (a few ms); False without ``available(dtype)``. Without the residual add, which
-    only helps the packed side, so the choice errs towards plain."""
+    (``backend.interleaved_min_times``, ``backend.choose_fastest`` with plain preferred: packed must be >
+    ``backend.TIE_TOLERANCE`` faster). ``residual``: the Linear's output takes a skip connection, so both sides
+    are timed with it (plain: F.linear then the add; packed: the add in the epilogue). Measured once per shape,
+    dtype and process (a few ms); False without ``available(dtype)``."""
     if not available(dtype):
         return False
-    timings = {"plain": linear_time(rows, in_features, out_features, dtype),
-               "packed": packed_linear_time(rows, in_features, out_features, dtype)}
+    with torch.inference_mode():
+        timings = interleaved_min_times({"plain": linear_call(rows, in_features, out_features, dtype, residual),
+                                         "packed": packed_linear_call(rows, in_features, out_features, dtype,
+                                                                      residual)})
     return choose_fastest(timings, prefer="plain") == "packed"
 
 
@@ -190,8 +199,9 @@ def prepack_linears(module: nn.Module, batch_hint: int = 256, min_numel: int = M
                     skip: tuple[nn.Module, ...] = ()) -> int:
     """In place: swap every bf16 / fp32 CPU ``nn.Linear`` with >= min_numel weights for a ``PackedLinear`` where
     packing pays off at ``batch_hint`` rows (``prepack_mode()``: 'measure' asks ``packing_pays_off``, 'always' packs
-    every such Linear that ``available(dtype)``, 'never' none); returns how many. ``batch_hint``: the rows per
-    call oneDNN picks the blocked layout for (any row count stays correct). Submodules in ``skip`` (and below them)
+    every such Linear that ``available(dtype)``, 'never' none; a Linear named by its parent's ``PACKED_RESIDUAL``
+    attribute is measured with the skip connection the parent passes it); returns how many. ``batch_hint``: the
+    rows per call oneDNN picks the blocked layout for (any row count stays correct). Submodules in ``skip`` (and below them)
     are left as they are."""
     mode = prepack_mode()
     if mode == "never":
@@ -204,7 +214,8 @@ def prepack_linears(module: nn.Module, batch_hint: int = 256, min_numel: int = M
                 continue
             w = child.weight
             if (available(w.dtype) and w.device.type == "cpu" and w.numel() >= min_numel and (
-                    mode == "always" or packing_pays_off(batch_hint, child.in_features, child.out_features, w.dtype))):
+                    mode == "always" or packing_pays_off(batch_hint, child.in_features, child.out_features, w.dtype,
+                                                         getattr(parent, "PACKED_RESIDUAL", None) == name))):
                 parent._modules[name] = PackedLinear.from_linear(child, batch_hint)
                 n += 1
     return n

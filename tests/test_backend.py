@@ -7,6 +7,7 @@ import torch
 
 from polygrad_fast import backend, cpu_packed
 from polygrad_fast.backend import ISAS, choose_fastest
+from polygrad_fast.denoisers.mlp import ResidualMLP
 
 
 # ---------------------------------------------------------------- choose_fastest
@@ -52,13 +53,43 @@ def test_min_time_is_the_smallest_call(monkeypatch):
     assert len(calls) == 5  # 2 warm-up + 3 timed
 
 
+def test_interleaved_min_times_rotates_the_order_and_takes_each_min(monkeypatch):
+    clock = [0.0]
+    cost = {"a": iter([9.0, 4.0, 6.0, 5.0]), "b": iter([9.0, 2.0, 8.0, 3.0])}  # warm-up first, then 3 rounds
+    order = []
+
+    def call(name):
+        def run():
+            order.append(name)
+            clock[0] += next(cost[name])
+        return run
+    monkeypatch.setattr(backend, "perf_counter", lambda: clock[0])
+    times = backend.interleaved_min_times({"a": call("a"), "b": call("b")}, reps=3, warmup=1)
+    assert times == {"a": 4.0, "b": 2.0}
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rounds rotated by one each
+
+
 # ---------------------------------------------------------------- the measured dtype
+class _FakeCall:
+    """A candidate call whose measured time is ``seconds``; records ``label`` in ``timed`` when it is timed."""
+
+    def __init__(self, seconds, timed, label):
+        self.seconds, self.timed, self.label = seconds, timed, label
+
+
+def _fake_interleaved_min_times(calls, **_):
+    for c in calls.values():
+        c.timed.append(c.label)
+    return {name: c.seconds for name, c in calls.items()}
+
+
 def _measured(monkeypatch, *, bf16_supported, fp32, bf16):
     """measured_cpu_dtype's body (not its process cache) with injected GEMM times."""
     timed = []
     monkeypatch.setattr(backend, "cpu_bf16_gemm_supported", lambda: bf16_supported)
-    monkeypatch.setattr(backend, "linear_time", lambda rows, i, o, dtype: timed.append((rows, i, o, dtype)) or
-                        {torch.float32: fp32, torch.bfloat16: bf16}[dtype])
+    monkeypatch.setattr(backend, "linear_call", lambda rows, i, o, dtype: _FakeCall(
+        {torch.float32: fp32, torch.bfloat16: bf16}[dtype], timed, (rows, i, o, dtype)))
+    monkeypatch.setattr(backend, "interleaved_min_times", _fake_interleaved_min_times)
     return backend.measured_cpu_dtype.__wrapped__(), timed
 
 
@@ -101,19 +132,30 @@ def test_auto_dtype_without_override_is_the_measured_one(monkeypatch):
     assert backend.resolve_dtype("auto", torch.device("meta")) == torch.float32  # neither CPU nor CUDA
 
 
-def test_linear_time_runs_the_gemm():
-    t = backend.linear_time(8, 16, 4, torch.float32, reps=2)
+def test_linear_call_and_packed_linear_call_run_the_same_gemm():
+    plain = backend.linear_call(8, 16, 4, torch.float32)()
+    assert plain.shape == (8, 4) and plain.dtype == torch.float32
+    if cpu_packed.available(torch.float32):  # same inputs (same seed), packed weight: fp32 reduction order only
+        torch.testing.assert_close(cpu_packed.packed_linear_call(8, 16, 4, torch.float32)(), plain)
+    if cpu_packed.available(torch.float32):  # with the skip connection: F.linear then the add vs in the epilogue
+        torch.testing.assert_close(cpu_packed.packed_linear_call(8, 16, 4, torch.float32, residual=True)(),
+                                   backend.linear_call(8, 16, 4, torch.float32, residual=True)())
+    t = backend.interleaved_min_times({"plain": backend.linear_call(8, 16, 4, torch.float32)}, reps=2)["plain"]
     assert 0 < t < 1.0  # an 8x16x4 GEMM: microseconds; a second would mean it timed something else
 
 
 # ---------------------------------------------------------------- the measured prepack
-def _pays_off(monkeypatch, plain, packed, available=True, dtype=torch.bfloat16):
+def _pays_off(monkeypatch, plain, packed, available=True, dtype=torch.bfloat16, residual=False):
     monkeypatch.setattr(cpu_packed, "available", lambda d: available)
     timed = []
-    monkeypatch.setattr(cpu_packed, "linear_time", lambda rows, i, o, d: timed.append(("plain", d)) or plain)
-    monkeypatch.setattr(cpu_packed, "packed_linear_time", lambda rows, i, o, d: timed.append(("packed", d)) or packed)
-    pays = cpu_packed.packing_pays_off.__wrapped__(256, 1024, 1024, dtype)
-    assert set(timed) <= {("plain", dtype), ("packed", dtype)}  # both sides timed in the asked dtype
+    monkeypatch.setattr(cpu_packed, "linear_call",
+                        lambda rows, i, o, d, res: _FakeCall(plain, timed, ("plain", d, res)))
+    monkeypatch.setattr(cpu_packed, "packed_linear_call",
+                        lambda rows, i, o, d, res: _FakeCall(packed, timed, ("packed", d, res)))
+    monkeypatch.setattr(cpu_packed, "interleaved_min_times", _fake_interleaved_min_times)
+    pays = cpu_packed.packing_pays_off.__wrapped__(256, 1024, 1024, dtype, residual)
+    if available:  # both sides timed, in the asked dtype, with the skip connection where asked
+        assert sorted(timed) == [("packed", dtype, residual), ("plain", dtype, residual)]
     return pays
 
 
@@ -123,6 +165,16 @@ def test_packing_pays_off_only_when_measured_faster(monkeypatch):
     assert not _pays_off(monkeypatch, plain=3.0e-4, packed=2.9e-4)  # a tie: plain
     assert not _pays_off(monkeypatch, plain=3.0e-4, packed=1e-9, available=False)
     assert _pays_off(monkeypatch, plain=9.0e-3, packed=7.0e-3, dtype=torch.float32)  # fp32, AVX2-like
+    assert _pays_off(monkeypatch, plain=9.0e-3, packed=7.0e-3, dtype=torch.float32, residual=True)
+
+
+def test_prepack_measures_a_residual_blocks_linear_with_its_skip_connection(monkeypatch):
+    asked = []
+    monkeypatch.setattr(cpu_packed, "packing_pays_off", lambda rows, i, o, d, res: asked.append((i, o, res)))
+    monkeypatch.setenv(cpu_packed.PREPACK_ENV_VAR, "measure")
+    trunk = ResidualMLP(160, 256, 2, 130, dropout=0.0)
+    assert cpu_packed.prepack_linears(trunk, min_numel=0) == 0  # every answer was None: nothing packed
+    assert asked == [(160, 256, False), (256, 130, False), (256, 256, True), (256, 256, True)]  # modules() order
 
 
 def test_prepack_mode_env(monkeypatch):
@@ -143,7 +195,8 @@ def test_prepack_linears_packs_what_measured_faster(monkeypatch):
     monkeypatch.setattr(cpu_packed, "available", lambda dtype: dtype == torch.bfloat16)
     monkeypatch.setattr(cpu_packed.PackedLinear, "repack", lambda self, force=False: True)
     asked = []
-    monkeypatch.setattr(cpu_packed, "packing_pays_off", lambda rows, i, o, d: asked.append((rows, i, o, d)) or i == 512)
+    monkeypatch.setattr(cpu_packed, "packing_pays_off",
+                        lambda rows, i, o, d, res: asked.append((rows, i, o, d)) or i == 512 and not res)
     model = nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256), nn.Linear(8, 8)).to(torch.bfloat16)
     monkeypatch.delenv(cpu_packed.PREPACK_ENV_VAR, raising=False)
     assert cpu_packed.prepack_linears(model, batch_hint=128) == 1

@@ -52,6 +52,8 @@ class ResidualBlock(nn.Module):
     ``norm`` then ``act`` (a parameter-free ReLU module) is the pair that ``cpu_layer_norm.fuse_layer_norm_acts``
     fuses in inference copies."""
 
+    PACKED_RESIDUAL = "linear"  # the child that gets the skip connection when packed (cpu_packed.prepack_linears)
+
     def __init__(self, width: int, dropout: float):
         super().__init__()
         self.norm = nn.LayerNorm(width)
