@@ -10,8 +10,8 @@ Every timing is the min over rounds (the host is shared and noisy); the fast tes
 
 The GEMM floor, measured in the same run: the denoiser's per-step GEMMs alone (its Linears but the time MLP's,
 which runs once per call; rows = B, the MLP flattens the window), back to back the CPU's fastest way (the
-fastest of fp32 and bf16, each plain and oneDNN-prepacked, bf16 only where oneDNN runs it, and on AMX CPUs this
-package's own AMX GEMM, which the fused trunk runs), min over rounds. The
+fastest of fp32 and bf16, each plain and oneDNN-prepacked, bf16 only where oneDNN runs it, and on AMX and
+AVX512-BF16 CPUs this package's own bf16 GEMM, which the fused trunk runs), min over rounds. The
 fast tests record the CPU's ISA (``backend.cpu_isa``), the floor and ``step_over_gemm_floor`` (fast per-step time /
 floor; the target is <= 1.25 at B=256 and B=1024 on every x86 CPU), and beside it the policy's GEMMs on the B·H
 guide states measured the same way and ``step_over_all_gemms`` (step / both floors: the step's unavoidable
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polygrad_fast import amx_layout, backend, cpu_packed
+from polygrad_fast import backend, bf16_layout, cpu_packed
 from polygrad_fast._native import CPU_OPS, extension
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser, low_precision_copy
 from polygrad_fast.normalizer import Normalizer
@@ -72,7 +72,8 @@ def _policy_gemm_shapes(policy: nn.Module) -> list[tuple[int, int]]:
 def _gemm_chain_time(shapes, rows: int, precision: str, rounds: int) -> float:
     """min over rounds of the seconds the GEMMs [rows, in] x [out, in]^T + bias of ``shapes`` take back to back,
     in 'float32', 'bfloat16', 'float32-packed' or 'bfloat16-packed' (oneDNN-prepacked weights, as cpu_packed runs
-    them) or 'bfloat16-amx' (this package's AMX GEMM, as cpu_residual_mlp's kernel runs each layer)."""
+    them) or 'bfloat16-native' (this package's bf16 GEMM, AMX or AVX-512 BF16 as ``bf16_layout.isa()``, as
+    cpu_residual_mlp's kernel runs each layer)."""
     dtype = torch.float32 if precision.startswith("float32") else torch.bfloat16
     g = torch.Generator().manual_seed(5)
     ops = []
@@ -82,13 +83,13 @@ def _gemm_chain_time(shapes, rows: int, precision: str, rounds: int) -> float:
         if precision.endswith("-packed"):
             p = torch.ops.mkldnn._reorder_linear_weight(w, rows)
             ops.append(lambda x=x, p=p, b=b: torch.ops.mkldnn._linear_pointwise(x, p, b, "none", [], ""))
-        elif precision.endswith("-amx"):  # this package's AMX GEMM, as the fused trunk runs each layer
-            xp = F.pad(x, (0, amx_layout.round_up(i, 32) - i)).contiguous()
-            wv, n = amx_layout.vnni(w), amx_layout.round_up(o, 16)
+        elif precision.endswith("-native"):  # this package's bf16 GEMM, as the fused trunk runs each layer
+            xp = F.pad(x, (0, bf16_layout.round_up(i, 32) - i)).contiguous()
+            wv, n = bf16_layout.vnni(w), bf16_layout.round_up(o, 16)
             bp, out, native = torch.zeros(n), torch.empty(rows, n), extension(CPU_OPS)
-            ops.append(lambda xp=xp, wv=wv, n=n, bp=bp, out=out: native.amx_linear(
+            ops.append(lambda xp=xp, wv=wv, n=n, bp=bp, out=out: native.bf16_linear(
                 xp.data_ptr(), rows, xp.shape[1], wv.data_ptr(), n, bp.data_ptr(), out.data_ptr(),
-                torch.get_num_threads()))
+                torch.get_num_threads(), bf16_layout.isa()))
         else:
             ops.append(lambda x=x, w=w, b=b: F.linear(x, w, b))
     with torch.inference_mode():
@@ -97,12 +98,12 @@ def _gemm_chain_time(shapes, rows: int, precision: str, rounds: int) -> float:
 
 def gemm_floor(denoiser: nn.Module, rows: int, rounds: int = 10, shapes=None) -> tuple[float, str]:
     """(seconds, precision): the denoiser's per-step GEMMs (or those of ``shapes``) the fastest way this CPU has
-    (bf16 only where oneDNN runs it; prepacked where ``cpu_packed.available(dtype)``; this package's AMX GEMM where
-    ``amx_layout.available()``)."""
+    (bf16 only where oneDNN runs it; prepacked where ``cpu_packed.available(dtype)``; this package's bf16 GEMM where
+    ``bf16_layout.available()``)."""
     shapes = _step_gemm_shapes(denoiser) if shapes is None else shapes
     precisions = ["float32"] + (["bfloat16"] if backend.cpu_bf16_gemm_supported() else []) + [
         f"{name}-packed" for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))
-        if cpu_packed.available(dtype)] + (["bfloat16-amx"] if amx_layout.available() and rows % 32 == 0 else [])
+        if cpu_packed.available(dtype)] + (["bfloat16-native"] if bf16_layout.available() and rows % 32 == 0 else [])
     return min((_gemm_chain_time(shapes, rows, p, rounds), p) for p in precisions)
 
 

@@ -4,9 +4,9 @@ Every reverse step evaluates the policy on all B·H guide states. As torch ops t
 ELU and a tanh over [B·H, hidden] activations that each go to memory and back. The kernels of
 ``polygrad_fast._cpu_ops`` (csrc/cpu_ops/actor_mean.cpp) run blocks of rows through the whole network in cache:
 
-- bf16 (the sampler's bf16 policy copy, AMX CPUs): every Linear as AMX bf16 tile products with fp32 accumulation
-  (csrc/cpu_ops/amx_gemm.hpp), 32 rows at a time: 0.39 vs 0.77 ms (compiled torch) for 2,560 rows at hidden 256
-  on a 2-core Sapphire Rapids;
+- bf16 (the sampler's bf16 policy copy: AMX and AVX512-BF16 CPUs): every Linear as bf16 products with fp32
+  accumulation, AMX tiles or AVX-512 BF16 register tiles (csrc/cpu_ops/bf16_gemm.hpp), 32 rows at a time: 0.39 vs
+  0.77 ms (compiled torch) for 2,560 rows at hidden 256 on a 2-core Sapphire Rapids;
 - fp32 (the fp32 policy copy every other x86 CPU runs): FMA register tiles, AVX-512 or AVX2, 24 rows at a time.
 
 LayerNorm + ELU run on the row kernels of ``cpu_layer_norm``, tanh in fp32.
@@ -31,17 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension
-from .amx_layout import (available, bf16_values, check_tensors, fused_is_faster, require_available, round_up,
-                         vnni_into, vnni_shape)
+from . import bf16_layout
+from .bf16_layout import bf16_values, check_tensors, fused_is_faster, require_isa, round_up, vnni_into, vnni_shape
 from .backend import cpu_isa
 from .cpu_layer_norm import fuse_layer_norm_acts, pair_activation
 from .policy import Actor
 
-__all__ = ["FusedActor", "actor_mean", "actor_mean_reference", "available", "fusable", "fused_actor_pays_off",
-           "kernel_isa"]
+__all__ = ["FusedActor", "actor_mean", "actor_mean_reference", "fusable", "fused_actor_pays_off", "kernel_isa"]
 
 _module = extension(CPU_OPS)
-# hidden must be a multiple of this: the AMX tiles' 16 x 32 bf16 operands; the fp32 kernels' 16-column panels
+# hidden must be a multiple of this: the bf16 kernels' 32-wide operand tiles; the fp32 kernels' 16-column panels
 HIDDEN_MULTIPLE = {torch.bfloat16: 32, torch.float32: 16}
 
 
@@ -75,10 +74,10 @@ def _fp32_isa() -> str | None:
 
 
 def kernel_isa(dtype: torch.dtype) -> str | None:
-    """The kernel an actor in ``dtype`` runs here: 'amx' (bf16, where ``available()``), 'avx512' or 'avx2' (fp32),
-    None where there is none."""
+    """The kernel an actor in ``dtype`` runs here: 'amx' or 'avx512bf16' (bf16: ``bf16_layout.isa()``), 'avx512' or
+    'avx2' (fp32), None where there is none."""
     if dtype == torch.bfloat16:
-        return "amx" if available() else None
+        return bf16_layout.isa()
     return _fp32_isa() if dtype == torch.float32 else None
 
 
@@ -124,7 +123,7 @@ def _check_weights(act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden, b_hidden,
     if ln_w.dim() != 2:
         raise ValueError(f"actor_mean: ln_w must be [layers, hidden], got {list(ln_w.shape)}")
     if w_in.dtype not in HIDDEN_MULTIPLE:
-        raise ValueError(f"actor_mean: w_in must be bfloat16 (AMX layout) or float32 (panel layout), got {w_in.dtype}")
+        raise ValueError(f"actor_mean: w_in must be bfloat16 (VNNI layout) or float32 (panel layout), got {w_in.dtype}")
     layers, hidden = ln_w.shape
     multiple = HIDDEN_MULTIPLE[w_in.dtype]
     if layers < 1 or hidden < multiple or hidden % multiple or obs_dim < 1 or act_dim < 1:
@@ -165,7 +164,7 @@ def _actor_mean_impl(states, act_dim, obs_dim, w_in, b_in, ln_w, ln_b, w_hidden,
     isa = kernel_isa(w_in.dtype)
     if isa is None:
         if w_in.dtype == torch.bfloat16:
-            require_available("actor_mean")
+            require_isa("actor_mean")
         raise RuntimeError("actor_mean: no fp32 kernel runs here (needs the native extension and AVX2 + FMA, "
                            "and backend.cpu_isa() at least 'AVX2')")
     states = states.contiguous()
@@ -206,8 +205,8 @@ class FusedActor(nn.Module):
         super().__init__()
         if not fusable(actor):
             raise ValueError("FusedActor needs a polygrad_fast Actor on CPU, bf16 with hidden width a multiple of 32 "
-                             "where cpu_actor.available() (AMX-BF16), or fp32 with hidden width a multiple of 16 on "
-                             "an AVX2 or AVX-512 CPU (cpu_actor.kernel_isa)")
+                             "on an AMX or AVX-512 BF16 CPU, or fp32 with hidden width a multiple of 16 on an AVX2 "
+                             "or AVX-512 CPU (cpu_actor.kernel_isa)")
         self.actor = actor
         linears, norms = _mlp_layers(actor)
         hidden, layers = linears[0].out_features, len(norms)

@@ -1,11 +1,13 @@
-"""The MLP denoiser's residual trunk on CPU as one fused native pass (AMX-BF16), for the guided sampler.
+"""The MLP denoiser's residual trunk on CPU as one fused native pass (bf16: AMX or AVX-512 BF16), for the guided
+sampler.
 
 Run as torch ops, each reverse step of the paper's Hopper denoiser (width 1024, 6 residual blocks) makes 8 oneDNN
 GEMM calls from Python and 7 LayerNorm + ReLU passes of inductor's code; at B = 256 those LayerNorms and the
 Python glue cost about 0.66 ms next to the GEMMs' 1.6 ms on a 2-core Sapphire Rapids. The kernel of
-``polygrad_fast._cpu_ops`` (csrc/cpu_ops/residual_mlp.cpp) runs each thread's rows through all layers with AMX tile
-GEMMs (panel-outer, as fast as oneDNN's prepacked GEMM at 256 x 1024 x 1024), the residual add in the accumulators,
-and the AVX-512 LayerNorm + ReLU row kernel in between, with no Python between layers.
+``polygrad_fast._cpu_ops`` (csrc/cpu_ops/residual_mlp.cpp) runs each thread's rows through all layers with its own
+bf16 GEMMs (``bf16_layout.isa()``: AMX tiles, or AVX-512 BF16 register tiles on CPUs without AMX; panel-outer,
+each as fast as oneDNN's bf16 GEMM at 256 x 1024 x 1024 on its CPU), the residual add in the accumulators, and the
+AVX-512 LayerNorm + ReLU row kernel in between, with no Python between layers.
 
 Numerics (``residual_mlp_reference`` is the plain-torch twin, computed from the ``ResidualMLP`` itself): weights
 and the input rounded to bf16, the residual stream h kept in fp32 (the bf16 copy rounds it to bf16 after every
@@ -24,15 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._native import CPU_OPS, extension
-from .amx_layout import (available, bf16_values, check_tensors, fused_is_faster, require_available, round_up,
-                         vnni_into, vnni_shape)
+from .bf16_layout import (available, bf16_values, check_tensors, fused_is_faster, require_isa, round_up, vnni_into,
+                          vnni_shape)
 from .cpu_layer_norm import pair_activation
 from .denoisers.mlp import ResidualBlock, ResidualMLP
 
 __all__ = ["FusedResidualMLP", "fusable", "fused_trunk_pays_off", "residual_mlp", "residual_mlp_reference"]
 
 _module = extension(CPU_OPS)
-WIDTH_MULTIPLE = 32  # the kernel's AMX tiles
+WIDTH_MULTIPLE = 32  # the kernel's 32-wide bf16 operand tiles
 
 
 def _layers(trunk: ResidualMLP) -> tuple[list[nn.Linear], list[nn.LayerNorm]] | None:
@@ -87,7 +89,7 @@ def _layout(in_dim: int, width: int, depth: int, out_dim: int) -> dict:
 
 
 def _residual_mlp_impl(x, out_dim, w_in, b_in, ln_w, ln_b, w_blocks, b_blocks, w_out, b_out, eps):
-    require_available("residual_mlp")
+    isa = require_isa("residual_mlp")
     if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() < 1:
         got = f"{x.dtype} {list(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"residual_mlp: x must be a bfloat16 CPU tensor [..., in], got {got}")
@@ -103,7 +105,7 @@ def _residual_mlp_impl(x, out_dim, w_in, b_in, ln_w, ln_b, w_blocks, b_blocks, w
     if rows:
         _module.residual_mlp(x.data_ptr(), rows, in_dim, width, depth, out_dim, w_in.data_ptr(), b_in.data_ptr(),
                              ln_w.data_ptr(), ln_b.data_ptr(), float(eps), w_blocks.data_ptr(), b_blocks.data_ptr(),
-                             w_out.data_ptr(), b_out.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                             w_out.data_ptr(), b_out.data_ptr(), out.data_ptr(), torch.get_num_threads(), isa)
     return out
 
 
@@ -133,7 +135,7 @@ class FusedResidualMLP(ResidualMLP):
     def from_trunk(cls, trunk: ResidualMLP) -> "FusedResidualMLP":
         if not fusable(trunk):
             raise ValueError("FusedResidualMLP needs a ResidualMLP of ReLU blocks without dropout, width a multiple "
-                             f"of {WIDTH_MULTIPLE}, on a CPU where amx_layout.available() (AMX-BF16)")
+                             f"of {WIDTH_MULTIPLE}, on a CPU where bf16_layout.available() (AMX or AVX-512 BF16)")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for name, child in trunk.named_children():

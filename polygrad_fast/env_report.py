@@ -22,13 +22,13 @@ def _version(module: str) -> str:
 
 
 def _cpu_ops_report(mod, error: str | None) -> dict:
-    """Fused CPU kernels (polygrad_fast._cpu_ops): availability, the LayerNorm kernel's ISA, whether the fused AMX
-    kernels (actor mean, MLP trunk) run here, OpenMP."""
+    """Fused CPU kernels (polygrad_fast._cpu_ops): availability, the LayerNorm kernel's ISA, the bf16 GEMM of the
+    fused bf16 kernels (actor mean, MLP trunk: 'amx', 'avx512bf16' or None), OpenMP."""
     if mod is None:
         return {"available": False, "error": error}
-    from . import amx_layout
+    from . import bf16_layout
 
-    return {"available": True, "layer_norm_act_isa": mod.isa(), "amx_kernels": amx_layout.available(),
+    return {"available": True, "layer_norm_act_isa": mod.isa(), "bf16_kernels": bf16_layout.isa(),
             "openmp": mod.openmp()}
 
 

@@ -246,7 +246,8 @@ class FastGuidedSampler:
         self._policy_copy = (_inference_copy(self.policy).to(self.policy_dtype) if isinstance(self.policy, nn.Module)
                              and (self.policy_dtype != torch.float32 or fuse) else None)
         denoiser_copy = self._denoiser_fast is not self.denoiser
-        # The bf16 MLP denoiser copy's residual trunk in one native AMX pass (its Linears then stay unpacked).
+        # The bf16 MLP denoiser copy's residual trunk in one native pass, AMX or AVX-512 BF16 (its Linears then stay
+        # unpacked).
         self._fused_trunk = None
         if (ex.cpu_fuse_trunk and denoiser_copy and self.denoiser_dtype == torch.bfloat16
                 and isinstance(self._denoiser_fast, ResidualMLPDenoiser)

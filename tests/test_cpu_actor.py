@@ -1,14 +1,16 @@
 """The fused native actor mean (polygrad_fast.cpu_actor) against its plain-torch twin, and its use by the sampler.
 
-Three kernels: 'amx' (a bf16 actor, AMX tiles), 'avx512' and 'avx2' (an fp32 actor, FMA register tiles; the AVX2
-one runs on this machine too, chosen as ``_fp32_isa`` would on an AVX2 CPU).
+Four kernels: 'amx' and 'avx512bf16' (a bf16 actor: AMX tiles, AVX-512 BF16 register tiles; an AMX CPU runs
+both), 'avx512' and 'avx2' (an fp32 actor, FMA register tiles; the AVX2 one runs on AVX-512 machines too, chosen as
+``_fp32_isa`` would on an AVX2 CPU).
 
 Tolerances, bf16: the kernel and the twin round at the same points (bf16 weights, states and post-ELU
-activations) and differ only in fp32 summation order (AMX tile products vs torch's GEMM), a few fp32 ulps. Such a
+activations) and differ only in fp32 summation order (tile products vs torch's GEMM), a few fp32 ulps. Such a
 difference can tip one activation's bf16 rounding (one bf16 ulp, 2^-8 relative), which moves the outputs downstream
 of it by up to ~1e-3 (measured: max 1.1e-3 at 2,560 rows, 2.3e-3 at 10,240, 2.8e-3 at hidden 1024; 0.5-2% of
-outputs off by more than 1e-5, mean 1e-6 to 2e-5). So: every |diff| <= 8e-3, at most 5% of outputs beyond 1e-5,
-mean <= 5e-5. fp32: nothing is rounded, so only summation order (FMA tiles vs torch's GEMM, the row kernel's
+outputs off by more than 1e-5, mean 1e-6 to 2e-5; AVX-512 BF16 over 5 seeds: 0.5-0.7% at hidden 256, 1.3-6% of
+the 300 outputs at hidden 1024, where each output sits downstream of 2,048 rounded activations). So: every
+|diff| <= 8e-3, at most 10% of outputs beyond 1e-5, mean <= 5e-5. fp32: nothing is rounded, so only summation order (FMA tiles vs torch's GEMM, the row kernel's
 LayerNorm vs torch's) separates them: measured max 1.6e-6 at 2,560 rows, 2.0e-6 at 10,240; bound 2e-5. A wrong
 weight layout, a dropped bias or a wrong eps moves nearly every output by > 1e-3.
 """
@@ -22,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from polygrad_fast import cpu_actor
+from polygrad_fast import bf16_layout, cpu_actor
 from polygrad_fast.cpu_layer_norm import fuse_layer_norm_acts
 from polygrad_fast.noise import SamplerNoise
 from polygrad_fast.normalizer import Normalizer
@@ -31,9 +33,11 @@ from polygrad_fast.sampler import FastGuidedSampler
 from polygrad_fast.schedule import NoiseSchedule
 from polygrad_fast.denoisers import MLPDenoiserConfig, ResidualMLPDenoiser
 
-needs_amx = pytest.mark.skipif(not cpu_actor.available(), reason="the fused actor kernel needs AMX-BF16")
+needs_bf16 = pytest.mark.skipif(not bf16_layout.available(), reason="the fused bf16 kernels need AMX or AVX512-BF16")
 _FP32_BEST = cpu_actor._fp32_isa()
-KERNELS = [pytest.param("amx", marks=needs_amx),
+BF16_KERNELS = ("amx", "avx512bf16")
+KERNELS = [pytest.param("amx", marks=pytest.mark.skipif(bf16_layout.isa() != "amx", reason="needs AMX-BF16")),
+           pytest.param("avx512bf16", marks=needs_bf16),
            pytest.param("avx512", marks=pytest.mark.skipif(_FP32_BEST != "avx512", reason="needs AVX-512")),
            pytest.param("avx2", marks=pytest.mark.skipif(_FP32_BEST is None, reason="needs AVX2 + FMA"))]
 
@@ -49,24 +53,27 @@ def _actor(obs_dim, act_dim, hidden, layers, seed=1):
 
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
-    """The kernel under test: 'amx' takes a bf16 actor; 'avx512' / 'avx2' an fp32 one, that ISA forced."""
-    if request.param != "amx":
+    """The kernel under test, that ISA forced: 'amx' / 'avx512bf16' take a bf16 actor, 'avx512' / 'avx2' an fp32
+    one."""
+    if request.param in BF16_KERNELS:
+        monkeypatch.setattr(bf16_layout, "isa", lambda: request.param)
+    else:
         monkeypatch.setattr(cpu_actor, "_fp32_isa", lambda: request.param)
     return request.param
 
 
 def _kernel_actor(kernel, obs_dim, act_dim, hidden, layers, seed=1):
     actor = _actor(obs_dim, act_dim, hidden, layers, seed)
-    return actor.to(torch.bfloat16) if kernel == "amx" else actor
+    return actor.to(torch.bfloat16) if kernel in BF16_KERNELS else actor
 
 
 def _assert_close_to_twin(got, want, kernel="amx"):
     d = (got - want).abs()
-    if kernel != "amx":
+    if kernel not in BF16_KERNELS:
         assert d.max().item() <= 2e-5, d.max().item()
         return
     assert d.max().item() <= 8e-3, d.max().item()
-    assert (d > 1e-5).float().mean().item() <= 0.05
+    assert (d > 1e-5).float().mean().item() <= 0.10
     assert d.mean().item() <= 5e-5
 
 
@@ -80,8 +87,8 @@ SHAPES = [(11, 3, 256, 2, 2560), (11, 3, 256, 2, 2565), (1, 1, 32, 1, 1), (17, 6
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"O{o}-A{a}-h{h}-L{l}-r{r}" for o, a, h, l, r in SHAPES])
 def test_kernel_matches_twin(kernel, shape):
     obs_dim, act_dim, hidden, layers, rows = shape
-    if kernel == "amx" and hidden % 32:
-        pytest.skip("the AMX kernel takes hidden widths that are multiples of 32")
+    if kernel in BF16_KERNELS and hidden % 32:
+        pytest.skip("the bf16 kernels take hidden widths that are multiples of 32")
     actor = _kernel_actor(kernel, obs_dim, act_dim, hidden, layers)
     states = torch.randn(rows, obs_dim, generator=torch.Generator().manual_seed(2)) * 2
     with torch.inference_mode():
@@ -172,11 +179,11 @@ def test_fusable_only_for_the_kernels_networks():
     assert not cpu_actor.fusable(relu)
     with pytest.raises(ValueError, match="multiple of 32"):
         cpu_actor.FusedActor(Actor(11, 3, hidden=48).to(torch.bfloat16))
-    assert cpu_actor.fusable(Actor(11, 3, hidden=64).to(torch.bfloat16)) == cpu_actor.available()
+    assert cpu_actor.fusable(Actor(11, 3, hidden=64).to(torch.bfloat16)) == bf16_layout.available()
     assert cpu_actor.fusable(Actor(11, 3, hidden=48)) == (cpu_actor.kernel_isa(torch.float32) is not None)
 
 
-@needs_amx
+@needs_bf16
 @torch.no_grad()
 def test_bad_states_are_rejected():
     fused = cpu_actor.FusedActor(_actor(11, 3, 64, 2).to(torch.bfloat16))
@@ -216,12 +223,18 @@ def test_no_silent_loss_of_gradients(kernel):
         assert cpu_actor.FusedActor(actor)(torch.randn(4, 11))[0].shape == (4, 3)
 
 
-@pytest.mark.parametrize("env", [{"PGF_CPU_OPS_NO_AMX": "1"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}])
-def test_amx_can_be_switched_off(env):
-    code = "from polygrad_fast import cpu_actor; print(cpu_actor.available())"
+# env -> the bf16 kernel the process may run at most: AMX off leaves AVX-512 BF16 (where the CPU has it); the BF16
+# kernel's switch or a oneDNN cap below AVX512_CORE_BF16 leaves none
+SWITCHES = [({"PGF_CPU_OPS_NO_AMX": "1"}, "avx512bf16"), ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "avx512bf16"),
+            ({"PGF_CPU_OPS_NO_AVX512BF16": "1"}, "None"), ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, "None")]
+
+
+@pytest.mark.parametrize("env, at_most", SWITCHES)
+def test_bf16_kernels_can_be_switched_off(env, at_most):
+    code = "import torch; from polygrad_fast import cpu_actor; print(cpu_actor.kernel_isa(torch.bfloat16))"
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PATH": ""}, capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == (at_most if bf16_layout.available() else "None")
 
 
 def test_pays_off_check_keeps_the_global_rng():
@@ -259,11 +272,13 @@ def same_noise_batches(fused, plain, change):
             change()
 
 
-@needs_amx
+@needs_bf16
 @pytest.mark.parametrize("compile", [False, True])
-def test_sampler_uses_it_and_follows_the_live_policy(compile):
+def test_sampler_uses_it_and_follows_the_live_policy(compile, monkeypatch):
     """bf16 sampler with the fused actor vs without (same noise): the same trajectories up to the twin's
-    tolerance compounded over the chain, and both follow a change of the user's policy weights."""
+    tolerance compounded over the chain, and both follow a change of the user's policy weights (the kernel taken
+    whatever it measured, to test what it computes)."""
+    monkeypatch.setattr(cpu_actor, "fused_actor_pays_off", cpu_actor.fusable)
     _, policy, fused, plain = sampler_pair(compile, "cpu_fuse_actor")
     assert fused._fused_actor is not None and plain._fused_actor is None
     # a large change of the mean action after the first round: both samplers must follow it

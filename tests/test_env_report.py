@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from polygrad_fast import amx_layout
+from polygrad_fast import bf16_layout
 
 
 def test_env_report_json():
@@ -20,7 +20,7 @@ def test_env_report_json():
     assert ops["available"] is (report["backends"]["cpu_kernels_and_noise"] == "native C++")
     if ops["available"]:
         assert ops["layer_norm_act_isa"] and isinstance(ops["openmp"], bool)
-        assert ops["amx_kernels"] == amx_layout.available()
+        assert ops["bf16_kernels"] == bf16_layout.isa()
     else:
         assert ops["error"]
 

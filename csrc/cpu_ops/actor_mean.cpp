@@ -5,12 +5,13 @@
 // memory and back, and the three GEMMs and two norms are five dispatches: 0.77 ms for 2,560 rows at hidden 256 on a
 // 2-core Sapphire Rapids, of which the GEMMs' arithmetic is about 0.18 ms. Here a block of 32 rows goes through
 // the whole network in L1/L2-resident scratch: every layer (input, hidden, output; K and N zero-padded to whole
-// tiles) as AMX bf16 tile products with fp32 accumulation and the bias loaded into the accumulators, LayerNorm + ELU
+// tiles) as bf16 products with fp32 accumulation (AMX tiles or AVX-512 BF16, bf16_gemm.hpp) and the bias loaded
+// into the accumulators, LayerNorm + ELU
 // with the AVX-512 row kernel of layer_norm_act (row_kernels.hpp) writing the bf16 operand of the next layer, and
 // tanh on the output.
 #include "actor_mean.hpp"
 
-#include "amx_gemm.hpp"
+#include "bf16_gemm.hpp"
 #include "row_kernels.hpp"
 
 #include <algorithm>
@@ -21,7 +22,7 @@
 namespace pgf_ops {
 namespace {
 
-constexpr int64_t kBlockRows = 32;  // two 16-row AMX tiles
+constexpr int64_t kBlockRows = 32;  // bf16: two 16-row AMX tiles
 // Below this many rows the calling thread does all: waking a worker costs about what it saves (hidden 256, 1 vs 2
 // threads, whole op: 96 rows 67 vs 69 us, 128 rows 79 vs 60 us, 256 rows 119 vs 81 us).
 constexpr int64_t kSerialRows = 128;
@@ -58,6 +59,7 @@ struct Scratch {  // one thread's, 64-byte aligned
 };
 
 // Rows [r0, r0 + n) (n <= 32) of the states through the network into mean; padding rows are zero.
+template <class Gemm>
 void block(const Net& net, const float* states, int64_t r0, int64_t n, float* mean, const Scratch& sc) {
   const int64_t H = net.hidden, O = net.obs_dim, K = net.in_cols;
   std::fill(sc.x, sc.x + kBlockRows * K, uint16_t(0));
@@ -66,13 +68,13 @@ void block(const Net& net, const float* states, int64_t r0, int64_t n, float* me
       const __mmask16 m = lanes(O - c);
       Store<uint16_t, true>::run(sc.x + i * K + c, m, v_load(states + (r0 + i) * O + c, m));
     }
-  amx_gemm(sc.x, kBlockRows, K, net.w_in, H, sc.h, net.b_in, false);
+  Gemm::run(sc.x, kBlockRows, K, net.w_in, H, sc.h, net.b_in, false);
   norm_act_rows<Act::Elu>(sc.h, sc.z, kBlockRows, net.ln_w, net.ln_b, H, net.eps, sc.norm);
   for (int64_t l = 1; l < net.layers; ++l) {
-    amx_gemm(sc.z, kBlockRows, H, net.w_hidden + (l - 1) * H * H, H, sc.h, net.b_hidden + (l - 1) * H, false);
+    Gemm::run(sc.z, kBlockRows, H, net.w_hidden + (l - 1) * H * H, H, sc.h, net.b_hidden + (l - 1) * H, false);
     norm_act_rows<Act::Elu>(sc.h, sc.z, kBlockRows, net.ln_w + l * H, net.ln_b + l * H, H, net.eps, sc.norm);
   }
-  amx_gemm(sc.z, kBlockRows, H, net.w_out, net.out_cols, sc.h, net.b_out, false);
+  Gemm::run(sc.z, kBlockRows, H, net.w_out, net.out_cols, sc.h, net.b_out, false);
   const int64_t A = net.act_dim, P = net.out_cols;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < A; c += 16) {
@@ -81,28 +83,29 @@ void block(const Net& net, const float* states, int64_t r0, int64_t n, float* me
     }
 }
 
-// Blocks [b0, b1) of 32 rows on the calling thread (its own tile configuration and scratch).
+// Blocks [b0, b1) of 32 rows on the calling thread (its own scratch, and tile configuration for AMX).
+template <class Gemm>
 void run_blocks(const Net& net, const float* states, int64_t rows, int64_t b0, int64_t b1, float* mean) {
   if (b0 >= b1) return;
   const int64_t hw = std::max(net.hidden, net.out_cols);
   std::vector<float> h(kBlockRows * hw + 16), norm(kGroup * net.hidden + 16);
   std::vector<uint16_t> x(kBlockRows * net.in_cols + 32), z(kBlockRows * net.hidden + 32);
   const Scratch sc{align64(x.data()), align64(z.data()), align64(h.data()), align64(norm.data())};
-  configure_tiles();
+  Gemm::begin();
   for (int64_t bl = b0; bl < b1; ++bl) {
     const int64_t r0 = bl * kBlockRows;
-    block(net, states, r0, std::min(kBlockRows, rows - r0), mean, sc);
+    block<Gemm>(net, states, r0, std::min(kBlockRows, rows - r0), mean, sc);
   }
-  _tile_release();
+  Gemm::end();
 }
 
 #pragma GCC pop_options
 
-// ---- fp32, no AMX: the same network in fp32 (an fp32 Actor), GEMMs as FMA register tiles ----
+// ---- fp32: the same network in fp32 (an fp32 Actor), GEMMs as FMA register tiles ----
 //
-// Why: on CPUs without AMX the sampler's policy copy is fp32, and as torch ops (three addmm, each with its bias
-// broadcast copied into the output first, two LayerNorm + ELU, tanh) its [B*H, hidden] activations go to memory
-// and back: 1.67 ms for 2,560 rows at hidden 256 (2 threads, AVX-512), where its 256 x 256 GEMM alone takes 0.96 ms.
+// Why: where the sampler's policy copy is fp32 (no oneDNN bf16 on the CPU, or bf16 measured slower), as torch ops
+// (three addmm, each with its bias broadcast copied into the output first, two LayerNorm + ELU, tanh) its [B*H,
+// hidden] activations go to memory and back: 1.67 ms for 2,560 rows at hidden 256 (2 threads, AVX-512), where its 256 x 256 GEMM alone takes 0.96 ms.
 // Here a block of 24 rows goes through the whole network in L1/L2: each layer as register tiles of 8 rows x 32
 // columns (AVX-512: 16 accumulators) or 6 rows x 16 columns (AVX2: 12), the bias preloaded into the accumulators,
 // the weight streamed from its 16-column panels, LayerNorm + ELU by the AVX-512 / AVX2 row kernels of row_kernels.hpp, tanh last.
@@ -281,7 +284,7 @@ void actor_mean_f32(const float* states, int64_t rows, int64_t obs_dim, int64_t 
 void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
                 const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
                 const uint16_t* w_hidden, const float* b_hidden, const uint16_t* w_out, const float* b_out,
-                float* mean, int threads) {
+                float* mean, int threads, Bf16Isa isa) {
 #if PGF_X86
   if (rows <= 0) return;
   const int64_t in_cols = (obs_dim + 31) / 32 * 32, out_cols = (act_dim + 15) / 16 * 16;
@@ -289,11 +292,14 @@ void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidd
                 b_hidden, w_out, b_out};
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   const int nt = rows < kSerialRows ? 1 : static_cast<int>(std::min<int64_t>(std::max(1, threads), blocks));
-  for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) { run_blocks(net, states, rows, b0, b1, mean); });
+  for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
+    if (isa == Bf16Isa::Amx) run_blocks<AmxGemm>(net, states, rows, b0, b1, mean);
+    else run_blocks<Avx512Bf16Gemm>(net, states, rows, b0, b1, mean);
+  });
 #else
   (void)states, (void)rows, (void)obs_dim, (void)hidden, (void)layers, (void)act_dim, (void)w_in, (void)b_in;
   (void)ln_w, (void)ln_b, (void)eps, (void)w_hidden, (void)b_hidden, (void)w_out, (void)b_out, (void)mean,
-      (void)threads;
+      (void)threads, (void)isa;
 #endif
 }
 

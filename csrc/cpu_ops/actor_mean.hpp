@@ -1,7 +1,9 @@
-// The actor's mean action, tanh(MLP(s)), as one fused CPU pass over blocks of rows: bf16 with AMX-BF16 tile GEMMs, or
-// fp32 with AVX-512 / AVX2 FMA register tiles.
+// The actor's mean action, tanh(MLP(s)), as one fused CPU pass over blocks of rows: bf16 with AMX-BF16 tile or AVX-512
+// BF16 GEMMs, or fp32 with AVX-512 / AVX2 FMA register tiles.
 // No torch headers: callers pass raw pointers (see bindings.cpp and polygrad_fast/cpu_actor.py).
 #pragma once
+
+#include "bf16_kernels.hpp"
 
 #include <cstdint>
 
@@ -18,12 +20,12 @@ namespace pgf_ops {
 //   w_in: W_in [hidden, obs_dim padded to a multiple of 32], b_in [hidden] fp32;
 //   w_hidden: the layers - 1 matrices W_l [hidden, hidden] one after the other, b_hidden [layers - 1, hidden] fp32;
 //   w_out: W_out [act_dim padded to a multiple of 16, hidden], b_out [that padded act_dim] fp32 (padding 0).
-// Needs hidden % 32 == 0 and amx_kernels_available(); rows split over `threads` OpenMP threads in blocks of 32
-// (results do not depend on `threads`).
+// Needs hidden % 32 == 0 and bf16_isa_runs(isa); rows split over `threads` OpenMP threads in blocks of 32 (results
+// do not depend on `threads`; the two ISAs may differ in fp32 summation order).
 void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
                 const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
                 const uint16_t* w_hidden, const float* b_hidden, const uint16_t* w_out, const float* b_out,
-                float* mean, int threads);
+                float* mean, int threads, Bf16Isa isa);
 
 // The same network in fp32 for an fp32 actor: z_0 = s_r, no bf16 rounding anywhere, LN_l as above, tanh in fp32.
 // Every weight matrix W [N, K] is fp32 in 16-column panels, [N / 16][K][16] with entry (p, k, j) = W[16 p + j][k],

@@ -7,7 +7,7 @@
 #include <string>
 
 #include "actor_mean.hpp"
-#include "amx_kernels.hpp"
+#include "bf16_kernels.hpp"
 #include "layer_norm_act.hpp"
 #include "normal_noise.hpp"
 #include "residual_mlp.hpp"
@@ -25,6 +25,19 @@ pgf_ops::Act parse_act(const std::string& a) {
   if (a == "relu") return pgf_ops::Act::Relu;
   if (a == "elu") return pgf_ops::Act::Elu;
   throw py::value_error("layer_norm_act: unknown activation '" + a + "' (expected 'none', 'relu' or 'elu')");
+}
+
+// The bf16 GEMM named by isa ('amx' or 'avx512bf16'), checked to run here (bf16_kernels_isa); `others` lists the
+// op's other accepted names for the message.
+pgf_ops::Bf16Isa bf16_isa(const char* op, const std::string& isa, const std::string& others) {
+  const std::string ok = "'amx', 'avx512bf16'" + (others.empty() ? std::string() : ", " + others);
+  if (isa != "amx" && isa != "avx512bf16")
+    throw py::value_error(std::string(op) + ": isa must be one of " + ok + ", got '" + isa + "'");
+  const pgf_ops::Bf16Isa v = isa == "amx" ? pgf_ops::Bf16Isa::Amx : pgf_ops::Bf16Isa::Avx512Bf16;
+  if (!pgf_ops::bf16_isa_runs(v))
+    throw py::value_error(std::string(op) + ": the " + isa + " kernel cannot run here (bf16_kernels_isa: '" +
+                          pgf_ops::bf16_kernels_isa() + "')");
+  return v;
 }
 
 pgf_ops::DType parse_dtype(const std::string& d) {
@@ -61,13 +74,12 @@ PYBIND11_MODULE(_cpu_ops, m) {
       [](uintptr_t states, int64_t rows, int64_t obs_dim, int64_t hidden, int64_t layers, int64_t act_dim,
          uintptr_t w_in, uintptr_t b_in, uintptr_t ln_w, uintptr_t ln_b, double eps, uintptr_t w_hidden,
          uintptr_t b_hidden, uintptr_t w_out, uintptr_t b_out, uintptr_t mean, int threads, const std::string& isa) {
-        const bool amx = isa == "amx", fp32 = isa == "avx512" || isa == "avx2";
-        if (!amx && !fp32) throw py::value_error("actor_mean: isa must be 'amx', 'avx512' or 'avx2', got '" + isa + "'");
-        if (amx && !pgf_ops::amx_kernels_available()) throw py::value_error("actor_mean: AMX-BF16 is not usable here");
+        const bool fp32 = isa == "avx512" || isa == "avx2";
+        const pgf_ops::Bf16Isa bf16 = fp32 ? pgf_ops::Bf16Isa::Amx : bf16_isa("actor_mean", isa, "'avx512', 'avx2'");
         const std::string best = pgf_ops::actor_mean_f32_isa();
         if (fp32 && !(isa == best || (isa == "avx2" && best == "avx512")))
           throw py::value_error("actor_mean: the " + isa + " kernel cannot run on this CPU (best: '" + best + "')");
-        const int64_t multiple = amx ? 32 : 16;
+        const int64_t multiple = fp32 ? 16 : 32;
         if (rows < 0 || obs_dim < 1 || layers < 1 || act_dim < 1 || hidden < multiple || hidden % multiple)
           throw py::value_error("actor_mean: need rows >= 0, obs_dim, layers, act_dim >= 1 and hidden a multiple "
                                 "of " + std::to_string(multiple) + ", got rows " + std::to_string(rows) +
@@ -79,10 +91,10 @@ PYBIND11_MODULE(_cpu_ops, m) {
         py::gil_scoped_release release;
         const auto f = [](uintptr_t p) { return reinterpret_cast<const float*>(p); };
         const auto u = [](uintptr_t p) { return reinterpret_cast<const uint16_t*>(p); };
-        if (amx)
+        if (!fp32)
           pgf_ops::actor_mean(f(states), rows, obs_dim, hidden, layers, act_dim, u(w_in), f(b_in), f(ln_w), f(ln_b),
                               static_cast<float>(eps), u(w_hidden), f(b_hidden), u(w_out), f(b_out),
-                              reinterpret_cast<float*>(mean), threads);
+                              reinterpret_cast<float*>(mean), threads, bf16);
         else
           pgf_ops::actor_mean_f32(f(states), rows, obs_dim, hidden, layers, act_dim, f(w_in), f(b_in), f(ln_w),
                                   f(ln_b), static_cast<float>(eps), f(w_hidden), f(b_hidden), f(w_out), f(b_out),
@@ -93,19 +105,20 @@ PYBIND11_MODULE(_cpu_ops, m) {
       py::arg("w_hidden"), py::arg("b_hidden"), py::arg("w_out"), py::arg("b_out"), py::arg("mean"),
       py::arg("threads"), py::arg("isa"),
       "mean [rows, act_dim] = tanh(MLP(states)) for the actor MLP described in csrc/cpu_ops/actor_mean.hpp; "
-      "pointers as integers, all contiguous; isa 'amx' (bf16 VNNI weights; raises unless amx_kernels_available()) "
-      "or 'avx512' / 'avx2' (fp32 panel weights; raises where the CPU lacks it).");
+      "pointers as integers, all contiguous; isa 'amx' / 'avx512bf16' (bf16 VNNI weights; raises where "
+      "bf16_kernels_isa() does not allow it) or 'avx512' / 'avx2' (fp32 panel weights; raises where the CPU lacks it).");
   m.def("actor_mean_f32_isa", &pgf_ops::actor_mean_f32_isa,
         "The best fp32 actor_mean kernel this CPU runs: 'avx512' (unless PGF_CPU_OPS_NO_AVX512), 'avx2' or ''.");
-  m.def("amx_kernels_available", &pgf_ops::amx_kernels_available,
-        "Whether actor_mean, residual_mlp and amx_linear can run here (AMX-BF16 usable by this process, "
-        "PGF_CPU_OPS_NO_AMX unset).");
+  m.def("bf16_kernels_isa", &pgf_ops::bf16_kernels_isa,
+        "The best bf16 GEMM the bf16 actor_mean, residual_mlp and bf16_linear run here: 'amx' (AMX-BF16 usable by "
+        "this process, PGF_CPU_OPS_NO_AMX unset), 'avx512bf16' (AVX-512 BF16, PGF_CPU_OPS_NO_AVX512BF16 unset) or "
+        "''; 'amx' CPUs run 'avx512bf16' too.");
   m.def(
       "residual_mlp",
       [](uintptr_t x, int64_t rows, int64_t in_dim, int64_t width, int64_t depth, int64_t out_dim, uintptr_t w_in,
          uintptr_t b_in, uintptr_t ln_w, uintptr_t ln_b, double eps, uintptr_t w_blocks, uintptr_t b_blocks,
-         uintptr_t w_out, uintptr_t b_out, uintptr_t out, int threads) {
-        if (!pgf_ops::amx_kernels_available()) throw py::value_error("residual_mlp: AMX-BF16 is not usable here");
+         uintptr_t w_out, uintptr_t b_out, uintptr_t out, int threads, const std::string& isa) {
+        const pgf_ops::Bf16Isa bf16 = bf16_isa("residual_mlp", isa, "");
         if (rows < 0 || in_dim < 1 || depth < 0 || out_dim < 1 || width < 32 || width % 32)
           throw py::value_error("residual_mlp: need rows >= 0, in_dim, out_dim >= 1, depth >= 0 and width a "
                                 "multiple of 32, got rows " + std::to_string(rows) + ", in_dim " +
@@ -120,29 +133,31 @@ PYBIND11_MODULE(_cpu_ops, m) {
                               reinterpret_cast<const float*>(ln_w), reinterpret_cast<const float*>(ln_b),
                               static_cast<float>(eps), reinterpret_cast<const uint16_t*>(w_blocks),
                               reinterpret_cast<const float*>(b_blocks), reinterpret_cast<const uint16_t*>(w_out),
-                              reinterpret_cast<const float*>(b_out), reinterpret_cast<uint16_t*>(out), threads);
+                              reinterpret_cast<const float*>(b_out), reinterpret_cast<uint16_t*>(out), threads, bf16);
       },
       py::arg("x"), py::arg("rows"), py::arg("in_dim"), py::arg("width"), py::arg("depth"), py::arg("out_dim"),
       py::arg("w_in"), py::arg("b_in"), py::arg("ln_w"), py::arg("ln_b"), py::arg("eps"), py::arg("w_blocks"),
-      py::arg("b_blocks"), py::arg("w_out"), py::arg("b_out"), py::arg("out"), py::arg("threads"),
+      py::arg("b_blocks"), py::arg("w_out"), py::arg("b_out"), py::arg("out"), py::arg("threads"), py::arg("isa"),
       "out [rows, out_dim] bf16 = the residual MLP trunk on x [rows, in_dim] bf16, as in "
-      "csrc/cpu_ops/residual_mlp.hpp; pointers as integers, all contiguous; raises unless AMX-BF16 is usable.");
+      "csrc/cpu_ops/residual_mlp.hpp; pointers as integers, all contiguous; isa 'amx' or 'avx512bf16' (raises "
+      "where bf16_kernels_isa() does not allow it).");
   m.def(
-      "amx_linear",
-      [](uintptr_t a, int64_t rows, int64_t k, uintptr_t w, int64_t n, uintptr_t bias, uintptr_t out, int threads) {
-        if (!pgf_ops::amx_kernels_available()) throw py::value_error("amx_linear: AMX-BF16 is not usable here");
+      "bf16_linear",
+      [](uintptr_t a, int64_t rows, int64_t k, uintptr_t w, int64_t n, uintptr_t bias, uintptr_t out, int threads,
+         const std::string& isa) {
+        const pgf_ops::Bf16Isa bf16 = bf16_isa("bf16_linear", isa, "");
         if (rows < 0 || rows % 32 || k < 32 || k % 32 || n < 16 || n % 16)
-          throw py::value_error("amx_linear: need rows % 32 == 0, k % 32 == 0 and n % 16 == 0, got rows " +
+          throw py::value_error("bf16_linear: need rows % 32 == 0, k % 32 == 0 and n % 16 == 0, got rows " +
                                 std::to_string(rows) + ", k " + std::to_string(k) + ", n " + std::to_string(n));
-        if (rows > 0 && (!a || !w || !bias || !out)) throw py::value_error("amx_linear: null data pointer");
+        if (rows > 0 && (!a || !w || !bias || !out)) throw py::value_error("bf16_linear: null data pointer");
         py::gil_scoped_release release;
-        pgf_ops::amx_linear(reinterpret_cast<const uint16_t*>(a), rows, k, reinterpret_cast<const uint16_t*>(w), n,
-                            reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out), threads);
+        pgf_ops::bf16_linear(reinterpret_cast<const uint16_t*>(a), rows, k, reinterpret_cast<const uint16_t*>(w), n,
+                             reinterpret_cast<const float*>(bias), reinterpret_cast<float*>(out), threads, bf16);
       },
       py::arg("a"), py::arg("rows"), py::arg("k"), py::arg("w"), py::arg("n"), py::arg("bias"), py::arg("out"),
-      py::arg("threads"),
-      "out [rows, n] fp32 = a [rows, k] bf16 x W^T + bias with W in AMX's VNNI order (csrc/cpu_ops/amx_gemm.hpp), "
-      "as residual_mlp runs each layer; for timing this package's GEMM floor.");
+      py::arg("threads"), py::arg("isa"),
+      "out [rows, n] fp32 = a [rows, k] bf16 x W^T + bias with W in AMX's VNNI order (csrc/cpu_ops/bf16_gemm.hpp), "
+      "as residual_mlp runs each layer, isa 'amx' or 'avx512bf16'; for timing this package's GEMM floor.");
   m.def(
       "normal_fill",
       [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, int threads) {

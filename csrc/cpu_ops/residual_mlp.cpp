@@ -2,13 +2,14 @@
 //
 // Why: run as torch ops, each of the trunk's 8 GEMMs is one oneDNN call from Python and each LayerNorm + ReLU one
 // pass of inductor's code over [B, width]; at the paper's Hopper shapes (width 1024, 6 blocks, B = 256) the
-// LayerNorms and the Python around the GEMMs cost about 0.66 ms per reverse step next to the GEMMs' 1.6 ms. Here each
-// thread takes a contiguous range of rows and runs it, a chunk at a time, through every layer with no barrier between
-// layers: the GEMM panel-outer over the chunk's 32-row blocks (amx_gemm.hpp), the residual add in the accumulators,
-// the bias and LayerNorm + ReLU (row_kernels.hpp) on rows still in L2, writing the bf16 operand of the next GEMM.
+// LayerNorms and the Python around the GEMMs cost about 0.66 ms per reverse step next to the GEMMs' 1.6 ms on a
+// 2-core Sapphire Rapids. Here each thread takes a contiguous range of rows and runs it, a chunk at a time, through
+// every layer with no barrier between layers: the GEMM (AMX tiles or AVX-512 BF16, bf16_gemm.hpp) panel-outer over
+// the chunk's 32-row blocks, the residual add in the accumulators, the bias and LayerNorm + ReLU (row_kernels.hpp)
+// on rows still in L2, writing the bf16 operand of the next GEMM.
 #include "residual_mlp.hpp"
 
-#include "amx_gemm.hpp"
+#include "bf16_gemm.hpp"
 #include "row_kernels.hpp"
 
 #include <algorithm>
@@ -17,7 +18,7 @@
 namespace pgf_ops {
 namespace {
 
-constexpr int64_t kBlock = 32;       // rows per AMX block (two 16-row tiles)
+constexpr int64_t kBlock = 32;       // rows per GEMM block (two 16-row AMX tiles)
 constexpr int64_t kChunkRows = 128;  // rows a thread carries through all layers at once (its h and z stay in L2)
 
 #if PGF_X86
@@ -49,18 +50,19 @@ void add_bias(float* h, int64_t rows, const float* b, int64_t width) {
 }
 
 // Rows [r0, r0 + n) of x through the trunk into out; n <= kChunkRows, the padding up to whole blocks is zero input.
+template <class Gemm>
 void chunk(const Trunk& t, const uint16_t* x, int64_t r0, int64_t n, uint16_t* out, const Scratch& sc) {
   const int64_t W = t.width, K = t.in_cols, rows = (n + kBlock - 1) / kBlock * kBlock;
   std::fill(sc.x, sc.x + rows * K, uint16_t(0));
   for (int64_t i = 0; i < n; ++i) std::copy(x + (r0 + i) * t.in_dim, x + (r0 + i + 1) * t.in_dim, sc.x + i * K);
-  amx_gemm(sc.x, rows, K, t.w_in, W, sc.h, t.b_in, false);
+  Gemm::run(sc.x, rows, K, t.w_in, W, sc.h, t.b_in, false);
   for (int64_t k = 0; k < t.depth; ++k) {
     norm_act_rows<Act::Relu>(sc.h, sc.z, rows, t.ln_w + k * W, t.ln_b + k * W, W, t.eps, sc.norm);
-    amx_gemm(sc.z, rows, W, t.w_blocks + k * W * W, W, sc.h, nullptr, true);  // h += W_k z: the residual add
+    Gemm::run(sc.z, rows, W, t.w_blocks + k * W * W, W, sc.h, nullptr, true);  // h += W_k z: the residual add
     add_bias(sc.h, rows, t.b_blocks + k * W, W);
   }
   norm_act_rows<Act::Relu>(sc.h, sc.z, rows, t.ln_w + t.depth * W, t.ln_b + t.depth * W, W, t.eps, sc.norm);
-  amx_gemm(sc.z, rows, W, t.w_out, t.out_cols, sc.o, t.b_out, false);
+  Gemm::run(sc.z, rows, W, t.w_out, t.out_cols, sc.o, t.b_out, false);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t c = 0; c < t.out_dim; c += 16) {
       const __mmask16 m = lanes(t.out_dim - c);
@@ -69,7 +71,8 @@ void chunk(const Trunk& t, const uint16_t* x, int64_t r0, int64_t n, uint16_t* o
     }
 }
 
-// Rows [r_lo, r_hi) on the calling thread, kChunkRows at a time (its own tile configuration and scratch).
+// Rows [r_lo, r_hi) on the calling thread, kChunkRows at a time (its own scratch, and tile configuration for AMX).
+template <class Gemm>
 void run_rows(const Trunk& t, const uint16_t* x, int64_t r_lo, int64_t r_hi, uint16_t* out) {
   if (r_lo >= r_hi) return;
   const int64_t C = kChunkRows;
@@ -77,18 +80,19 @@ void run_rows(const Trunk& t, const uint16_t* x, int64_t r_lo, int64_t r_hi, uin
   std::vector<float> hb(C * t.width + 16), ob(C * t.out_cols + 16), nb(kGroup * t.width + 16);
   const Scratch sc{align64(xb.data()), align64(zb.data()), align64(hb.data()), align64(ob.data()),
                    align64(nb.data())};
-  configure_tiles();
-  for (int64_t r0 = r_lo; r0 < r_hi; r0 += C) chunk(t, x, r0, std::min(C, r_hi - r0), out, sc);
-  _tile_release();
+  Gemm::begin();
+  for (int64_t r0 = r_lo; r0 < r_hi; r0 += C) chunk<Gemm>(t, x, r0, std::min(C, r_hi - r0), out, sc);
+  Gemm::end();
 }
 
-// Row blocks [b0, b1) of one amx_linear call on the calling thread.
+// Row blocks [b0, b1) of one bf16_linear call on the calling thread.
+template <class Gemm>
 void linear_blocks(const uint16_t* a, int64_t b0, int64_t b1, int64_t k, const uint16_t* w, int64_t n,
                    const float* bias, float* out) {
   if (b1 <= b0) return;
-  configure_tiles();
-  amx_gemm(a + b0 * kBlock * k, (b1 - b0) * kBlock, k, w, n, out + b0 * kBlock * n, bias, false);
-  _tile_release();
+  Gemm::begin();
+  Gemm::run(a + b0 * kBlock * k, (b1 - b0) * kBlock, k, w, n, out + b0 * kBlock * n, bias, false);
+  Gemm::end();
 }
 
 #pragma GCC pop_options
@@ -99,7 +103,7 @@ void linear_blocks(const uint16_t* a, int64_t b0, int64_t b1, int64_t k, const u
 void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width, int64_t depth, int64_t out_dim,
                   const uint16_t* w_in, const float* b_in, const float* ln_w, const float* ln_b, float eps,
                   const uint16_t* w_blocks, const float* b_blocks, const uint16_t* w_out, const float* b_out,
-                  uint16_t* out, int threads) {
+                  uint16_t* out, int threads, Bf16Isa isa) {
 #if PGF_X86
   if (rows <= 0) return;
   const Trunk t{in_dim, (in_dim + 31) / 32 * 32, width, depth, out_dim, (out_dim + 15) / 16 * 16, w_in, b_in,
@@ -107,22 +111,27 @@ void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width
   const int64_t blocks = (rows + kBlock - 1) / kBlock;
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), blocks));
   for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
-    run_rows(t, x, std::min(rows, b0 * kBlock), std::min(rows, b1 * kBlock), out);
+    const int64_t r_lo = std::min(rows, b0 * kBlock), r_hi = std::min(rows, b1 * kBlock);
+    if (isa == Bf16Isa::Amx) run_rows<AmxGemm>(t, x, r_lo, r_hi, out);
+    else run_rows<Avx512Bf16Gemm>(t, x, r_lo, r_hi, out);
   });
 #else
   (void)x, (void)rows, (void)in_dim, (void)width, (void)depth, (void)out_dim, (void)w_in, (void)b_in, (void)ln_w;
-  (void)ln_b, (void)eps, (void)w_blocks, (void)b_blocks, (void)w_out, (void)b_out, (void)out, (void)threads;
+  (void)ln_b, (void)eps, (void)w_blocks, (void)b_blocks, (void)w_out, (void)b_out, (void)out, (void)threads, (void)isa;
 #endif
 }
 
-void amx_linear(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, int64_t n, const float* bias,
-                float* out, int threads) {
+void bf16_linear(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, int64_t n, const float* bias,
+                 float* out, int threads, Bf16Isa isa) {
 #if PGF_X86
   const int64_t blocks = rows / kBlock;
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<int64_t>(blocks, 1)));
-  for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) { linear_blocks(a, b0, b1, k, w, n, bias, out); });
+  for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
+    if (isa == Bf16Isa::Amx) linear_blocks<AmxGemm>(a, b0, b1, k, w, n, bias, out);
+    else linear_blocks<Avx512Bf16Gemm>(a, b0, b1, k, w, n, bias, out);
+  });
 #else
-  (void)a, (void)rows, (void)k, (void)w, (void)n, (void)bias, (void)out, (void)threads;
+  (void)a, (void)rows, (void)k, (void)w, (void)n, (void)bias, (void)out, (void)threads, (void)isa;
 #endif
 }
 
