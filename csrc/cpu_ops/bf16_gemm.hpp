@@ -96,8 +96,8 @@ inline void amx_gemm(const uint16_t* a, int64_t rows, int64_t k, const uint16_t*
 }
 
 // out[r, 16 p + j] (+)= sum over k-pairs of a[r, 2kp..2kp+1] . W-panel p[kp, j, 0..1] for r < MR, p < NP: MR x NP
-// zmm accumulators (VDPBF16PS: fp32 += bf16 pair products), each A pair broadcast as one 32-bit word. init as
-// amx_gemm: the bias (bias + 16 p) or out itself.
+// zmm accumulators (VDPBF16PS: fp32 += bf16 pair products), each A pair broadcast as one 32-bit word. init: the
+// bias (bias + 16 p), or out itself when accumulate, plus the bias where bias is not null.
 template <int MR, int NP>
 PGF_INL(PGF_TGT) void dpbf16_tile(const uint16_t* a, int64_t k, const uint16_t* w, int64_t panel, float* out,
                                   int64_t n, const float* bias, bool accumulate) {
@@ -105,8 +105,10 @@ PGF_INL(PGF_TGT) void dpbf16_tile(const uint16_t* a, int64_t k, const uint16_t* 
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 16
-    for (int p = 0; p < NP; ++p)
-      c[r][p] = accumulate ? _mm512_loadu_ps(out + r * n + 16 * p) : _mm512_loadu_ps(bias + 16 * p);
+    for (int p = 0; p < NP; ++p) {
+      const __m512 b = bias ? _mm512_loadu_ps(bias + 16 * p) : _mm512_setzero_ps();
+      c[r][p] = accumulate ? _mm512_add_ps(_mm512_loadu_ps(out + r * n + 16 * p), b) : b;
+    }
   for (int64_t kp = 0; kp < k / 2; ++kp) {
     __m512bh b[NP];
 #pragma GCC unroll 16
@@ -126,7 +128,8 @@ PGF_INL(PGF_TGT) void dpbf16_tile(const uint16_t* a, int64_t k, const uint16_t* 
     for (int p = 0; p < NP; ++p) _mm512_storeu_ps(out + r * n + 16 * p, c[r][p]);
 }
 
-// amx_gemm's contract (rows % 32 == 0, k % 32 == 0, n % 16 == 0) with VDPBF16PS: 8 rows x 2
+// amx_gemm's contract (rows % 32 == 0, k % 32 == 0, n % 16 == 0), and a bias with accumulate adds both (out +=
+// bias + a W^T: the residual block's bias in the accumulators, no pass of its own), with VDPBF16PS: 8 rows x 2
 // panels (32 columns) per register tile, panel-pair outer so the pair's weights stay in L2 for all the row tiles; a
 // last single panel as 16 rows x 1. 256 x 1024 x 1024 on 2 threads of a 2-core Zen 4 (AVX512-BF16): 1.15 ms, 466
 // GFLOP/s, oneDNN's bf16 GEMM 1.18-1.23 ms; 8 x 3, 4 x 4 and 16 x 1 tiles measured the same, 2 x 8 11% slower.
@@ -136,13 +139,16 @@ inline void avx512bf16_gemm(const uint16_t* a, int64_t rows, int64_t k, const ui
   int64_t p = 0;
   for (; p + 2 <= panels; p += 2)
     for (int64_t m = 0; m < rows; m += 8)
-      dpbf16_tile<8, 2>(a + m * k, k, w + p * panel, panel, out + m * n + 16 * p, n, bias + 16 * p, accumulate);
+      dpbf16_tile<8, 2>(a + m * k, k, w + p * panel, panel, out + m * n + 16 * p, n, bias ? bias + 16 * p : nullptr,
+                        accumulate);
   if (p < panels)
     for (int64_t m = 0; m < rows; m += 16)
-      dpbf16_tile<16, 1>(a + m * k, k, w + p * panel, panel, out + m * n + 16 * p, n, bias + 16 * p, accumulate);
+      dpbf16_tile<16, 1>(a + m * k, k, w + p * panel, panel, out + m * n + 16 * p, n, bias ? bias + 16 * p : nullptr,
+                         accumulate);
 }
 
 struct AmxGemm {  // a thread's GEMMs between begin() and end() (its tile configuration)
+  static constexpr bool kBiasWithAccumulate = false;  // accumulate takes no bias: add it in a pass of its own
   static void begin() { configure_tiles(); }
   static void end() { _tile_release(); }
   static void run(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, int64_t n, float* out,
@@ -152,6 +158,7 @@ struct AmxGemm {  // a thread's GEMMs between begin() and end() (its tile config
 };
 
 struct Avx512Bf16Gemm {
+  static constexpr bool kBiasWithAccumulate = true;
   static void begin() {}
   static void end() {}
   static void run(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, int64_t n, float* out,

@@ -58,8 +58,13 @@ void chunk(const Trunk& t, const uint16_t* x, int64_t r0, int64_t n, uint16_t* o
   Gemm::run(sc.x, rows, K, t.w_in, W, sc.h, t.b_in, false);
   for (int64_t k = 0; k < t.depth; ++k) {
     norm_act_rows<Act::Relu>(sc.h, sc.z, rows, t.ln_w + k * W, t.ln_b + k * W, W, t.eps, sc.norm);
-    Gemm::run(sc.z, rows, W, t.w_blocks + k * W * W, W, sc.h, nullptr, true);  // h += W_k z: the residual add
-    add_bias(sc.h, rows, t.b_blocks + k * W, W);
+    const float* b_k = t.b_blocks + k * W;
+    if constexpr (Gemm::kBiasWithAccumulate) {
+      Gemm::run(sc.z, rows, W, t.w_blocks + k * W * W, W, sc.h, b_k, true);  // h += b_k + W_k z: the residual add
+    } else {
+      Gemm::run(sc.z, rows, W, t.w_blocks + k * W * W, W, sc.h, nullptr, true);
+      add_bias(sc.h, rows, b_k, W);
+    }
   }
   norm_act_rows<Act::Relu>(sc.h, sc.z, rows, t.ln_w + t.depth * W, t.ln_b + t.depth * W, W, t.eps, sc.norm);
   Gemm::run(sc.z, rows, W, t.w_out, t.out_cols, sc.o, t.b_out, false);
