@@ -173,7 +173,7 @@ def test_prepack_measures_a_residual_blocks_linear_with_its_skip_connection(monk
     monkeypatch.setattr(cpu_packed, "packing_pays_off", lambda rows, i, o, d, res: asked.append((i, o, res)))
     monkeypatch.setenv(cpu_packed.PREPACK_ENV_VAR, "measure")
     trunk = ResidualMLP(160, 256, 2, 130, dropout=0.0)
-    assert cpu_packed.prepack_linears(trunk, min_numel=0) == 0  # every answer was None: nothing packed
+    assert cpu_packed.prepack_linears(trunk) == 0  # every answer was None: nothing packed
     assert asked == [(160, 256, False), (256, 130, False), (256, 256, True), (256, 256, True)]  # modules() order
 
 
@@ -201,10 +201,10 @@ def test_prepack_linears_packs_what_measured_faster(monkeypatch):
     monkeypatch.delenv(cpu_packed.PREPACK_ENV_VAR, raising=False)
     assert cpu_packed.prepack_linears(model, batch_hint=128) == 1
     assert [type(m).__name__ for m in model] == ["Linear", "PackedLinear", "Linear"]
-    bf16 = torch.bfloat16  # the 8x8 Linear is below MIN_WEIGHT_NUMEL: never timed
-    assert asked == [(128, 256, 512, bf16), (128, 512, 256, bf16)]
+    bf16 = torch.bfloat16  # every Linear is timed, the 8x8 one too (no size threshold)
+    assert asked == [(128, 256, 512, bf16), (128, 512, 256, bf16), (128, 8, 8, bf16)]
     fp16 = nn.Sequential(nn.Linear(256, 512)).to(torch.float16)  # a dtype oneDNN packing is not available in
-    assert cpu_packed.prepack_linears(fp16) == 0 and len(asked) == 2
+    assert cpu_packed.prepack_linears(fp16) == 0 and len(asked) == 3
     fresh = nn.Sequential(nn.Linear(256, 512)).to(torch.bfloat16)
     monkeypatch.setenv(cpu_packed.PREPACK_ENV_VAR, "never")
     assert cpu_packed.prepack_linears(fresh) == 0 and type(fresh[0]) is nn.Linear

@@ -49,7 +49,7 @@ def test_packed_linear_equals_bf16_linear(rows):
 
 def _models(seed=0):
     torch.manual_seed(seed)
-    # hidden 256: the 256x256 trunk Linears are packed (>= MIN_WEIGHT_NUMEL), the small ones stay plain
+    # hidden 256, 2 blocks: 7 Linears (input projection, 2 in the time MLP, trunk input, 2 blocks, trunk output)
     denoiser = ResidualMLPDenoiser(H, O + 2, A, MLPDenoiserConfig(hidden_dim=256, num_layers=2)).eval()
     return denoiser, Actor(O, A, hidden=256)
 
@@ -59,7 +59,7 @@ def test_prepack_keeps_names_and_outputs():
     denoiser, _ = _models()
     plain, packed = low_precision_copy(denoiser), low_precision_copy(denoiser)
     n = cpu_packed.prepack_linears(packed)
-    assert n == 2  # the two 256x256 block Linears; input (128x256) and output (256x28) are below the threshold
+    assert n == 7  # 'always': every Linear, whatever its size
     assert list(dict(packed.state_dict())) == list(dict(plain.state_dict()))
     x, a, t = torch.randn(9, H, O + 2), torch.randn(9, H, A), torch.randint(0, 10, (9,))
     with torch.inference_mode():
@@ -218,12 +218,12 @@ def test_packed_fp32_linear_matches_f_linear(rows):
 
 @needs_onednn_fp32
 def test_prepack_fp32_denoiser_copy_matches_plain():
-    """An fp32 copy of the MLP denoiser with its two 256x256 block Linears packed (the residual in the GEMM's
-    epilogue) gives the plain fp32 output to fp32 rounding; the names and state dict are unchanged."""
+    """An fp32 copy of the MLP denoiser with all its 7 Linears packed (the block Linears with the residual in the
+    GEMM's epilogue) gives the plain fp32 output to fp32 rounding; the names and state dict are unchanged."""
     denoiser, _ = _models()
     packed = copy.deepcopy(denoiser).requires_grad_(False)
-    assert cpu_packed.prepack_linears(packed) == 2
-    assert sum(isinstance(m, cpu_packed.PackedLinear) for m in packed.modules()) == 2
+    assert cpu_packed.prepack_linears(packed) == 7
+    assert sum(isinstance(m, cpu_packed.PackedLinear) for m in packed.modules()) == 7
     assert list(dict(packed.state_dict())) == list(dict(denoiser.state_dict()))
     x, a, t = torch.randn(9, H, O + 2), torch.randn(9, H, A), torch.randint(0, 10, (9,))
     with torch.inference_mode():
@@ -247,7 +247,7 @@ def test_explicit_bf16_sampler_with_default_prepack_runs_on_any_cpu():
 @pytest.mark.skipif(not cpu_layer_norm.available(), reason="polygrad_fast._cpu_ops not built")
 @pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_fp32_cpu_copies_match_the_users_modules(compile):
-    """An fp32 CPU sampler runs its own copies: the denoiser's large Linears prepacked (and, eager, its LayerNorm +
+    """An fp32 CPU sampler runs its own copies: the denoiser's Linears prepacked (and, eager, its LayerNorm +
     ReLU fused), the policy's LayerNorm + ELU fused; on the same noise the trajectories equal those of the sampler
     that runs the user's modules as given (cpu_prepack and cpu_fuse_norm_act off) up to fp32 reduction order
     (measured <= a few 1e-6; a stale weight or a dropped bias is off by O(0.1)), the user's modules stay plain, and
@@ -259,7 +259,7 @@ def test_fp32_cpu_copies_match_the_users_modules(compile):
                               cpu_fuse_norm_act=False, **kw)
     count = lambda m, cls: sum(isinstance(x, cls) for x in m.modules())  # noqa: E731
     assert plain._denoiser_fast is denoiser and plain._policy_copy is None
-    assert count(fast._denoiser_fast, cpu_packed.PackedLinear) == 2  # the two 256x256 trunk Linears
+    assert count(fast._denoiser_fast, cpu_packed.PackedLinear) == 7  # 'always' (this module's fixture): all 7
     assert count(fast._denoiser_fast, cpu_layer_norm.FusedLayerNormAct) == (0 if compile else 3)
     assert count(fast._policy_copy, cpu_layer_norm.FusedLayerNormAct) == 2
     assert count(denoiser, cpu_packed.PackedLinear) == 0 and count(policy, cpu_layer_norm.FusedLayerNormAct) == 0
