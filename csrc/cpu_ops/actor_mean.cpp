@@ -68,7 +68,7 @@ void block(const Net& net, const float* states, int64_t r0, int64_t n, float* me
       const __mmask16 m = lanes(O - c);
       Store<uint16_t, true>::run(sc.x + i * K + c, m, v_load(states + (r0 + i) * O + c, m));
     }
-  Gemm::run(sc.x, kBlockRows, K, net.w_in, H, sc.h, net.b_in, false);
+  Gemm::run(sc.x, kBlockRows, K, net.w_in, H, sc.h, net.b_in, false, (O + 1) / 2 * 2);  // columns >= O are zero
   norm_act_rows<Act::Elu>(sc.h, sc.z, kBlockRows, net.ln_w, net.ln_b, H, net.eps, sc.norm);
   for (int64_t l = 1; l < net.layers; ++l) {
     Gemm::run(sc.z, kBlockRows, H, net.w_hidden + (l - 1) * H * H, H, sc.h, net.b_hidden + (l - 1) * H, false);

@@ -55,7 +55,7 @@ void chunk(const Trunk& t, const uint16_t* x, int64_t r0, int64_t n, uint16_t* o
   const int64_t W = t.width, K = t.in_cols, rows = (n + kBlock - 1) / kBlock * kBlock;
   std::fill(sc.x, sc.x + rows * K, uint16_t(0));
   for (int64_t i = 0; i < n; ++i) std::copy(x + (r0 + i) * t.in_dim, x + (r0 + i + 1) * t.in_dim, sc.x + i * K);
-  Gemm::run(sc.x, rows, K, t.w_in, W, sc.h, t.b_in, false);
+  Gemm::run(sc.x, rows, K, t.w_in, W, sc.h, t.b_in, false, (t.in_dim + 1) / 2 * 2);  // columns >= in_dim zero
   for (int64_t k = 0; k < t.depth; ++k) {
     norm_act_rows<Act::Relu>(sc.h, sc.z, rows, t.ln_w + k * W, t.ln_b + k * W, W, t.eps, sc.norm);
     const float* b_k = t.b_blocks + k * W;
