@@ -105,7 +105,8 @@ void run_blocks(const Net& net, const float* states, int64_t rows, int64_t b0, i
 //
 // Why: where the sampler's policy copy is fp32 (no oneDNN bf16 on the CPU, or bf16 measured slower), as torch ops
 // (three addmm, each with its bias broadcast copied into the output first, two LayerNorm + ELU, tanh) its [B*H,
-// hidden] activations go to memory and back: 1.67 ms for 2,560 rows at hidden 256 (2 threads, AVX-512), where its 256 x 256 GEMM alone takes 0.96 ms.
+// hidden] activations go to memory and back: 1.67 ms for 2,560 rows at hidden 256 (2 threads, AVX-512), where its
+// 256 x 256 GEMM alone takes 0.96 ms.
 // Here a block of 24 rows goes through the whole network in L1/L2: each layer as register tiles of 8 rows x 32
 // columns (AVX-512: 16 accumulators) or 6 rows x 16 columns (AVX2: 12), the bias preloaded into the accumulators,
 // the weight streamed from its 16-column panels, LayerNorm + ELU by the AVX-512 / AVX2 row kernels of row_kernels.hpp, tanh last.
@@ -293,8 +294,7 @@ void actor_mean(const float* states, int64_t rows, int64_t obs_dim, int64_t hidd
   const int64_t blocks = (rows + kBlockRows - 1) / kBlockRows;
   const int nt = rows < kSerialRows ? 1 : static_cast<int>(std::min<int64_t>(std::max(1, threads), blocks));
   for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
-    if (isa == Bf16Isa::Amx) run_blocks<AmxGemm>(net, states, rows, b0, b1, mean);
-    else run_blocks<Avx512Bf16Gemm>(net, states, rows, b0, b1, mean);
+    with_bf16_gemm(isa, [&](auto gemm) { run_blocks<decltype(gemm)>(net, states, rows, b0, b1, mean); });
   });
 #else
   (void)states, (void)rows, (void)obs_dim, (void)hidden, (void)layers, (void)act_dim, (void)w_in, (void)b_in;

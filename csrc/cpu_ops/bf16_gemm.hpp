@@ -173,6 +173,13 @@ struct Avx512Bf16Gemm {
   }
 };
 
+// fn(gemm) with the GEMM type isa names (AmxGemm or Avx512Bf16Gemm), for kernels templated on it.
+template <class Fn>
+void with_bf16_gemm(Bf16Isa isa, Fn&& fn) {
+  if (isa == Bf16Isa::Amx) fn(AmxGemm{});
+  else fn(Avx512Bf16Gemm{});
+}
+
 #pragma GCC pop_options
 
 // AMX-TILE + AMX-BF16 + AVX-512 BF16 on the CPU, tile data enabled by the OS (XCR0) and granted to this process

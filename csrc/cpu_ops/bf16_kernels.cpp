@@ -3,6 +3,8 @@
 
 #include "bf16_gemm.hpp"
 
+#include <string>
+
 namespace pgf_ops {
 
 const char* bf16_kernels_isa() {
@@ -14,8 +16,8 @@ const char* bf16_kernels_isa() {
 }
 
 bool bf16_isa_runs(Bf16Isa isa) {
-  const char* best = bf16_kernels_isa();
-  return isa == Bf16Isa::Amx ? best[0] == 'a' : best[0] != '\0';
+  const std::string best = bf16_kernels_isa();
+  return isa == Bf16Isa::Amx ? best == "amx" : !best.empty();  // an AMX CPU runs AVX-512 BF16 too
 }
 
 }  // namespace pgf_ops

@@ -117,8 +117,7 @@ void residual_mlp(const uint16_t* x, int64_t rows, int64_t in_dim, int64_t width
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), blocks));
   for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
     const int64_t r_lo = std::min(rows, b0 * kBlock), r_hi = std::min(rows, b1 * kBlock);
-    if (isa == Bf16Isa::Amx) run_rows<AmxGemm>(t, x, r_lo, r_hi, out);
-    else run_rows<Avx512Bf16Gemm>(t, x, r_lo, r_hi, out);
+    with_bf16_gemm(isa, [&](auto gemm) { run_rows<decltype(gemm)>(t, x, r_lo, r_hi, out); });
   });
 #else
   (void)x, (void)rows, (void)in_dim, (void)width, (void)depth, (void)out_dim, (void)w_in, (void)b_in, (void)ln_w;
@@ -132,8 +131,7 @@ void bf16_linear(const uint16_t* a, int64_t rows, int64_t k, const uint16_t* w, 
   const int64_t blocks = rows / kBlock;
   const int nt = static_cast<int>(std::min<int64_t>(std::max(1, threads), std::max<int64_t>(blocks, 1)));
   for_block_ranges(blocks, nt, [&](int64_t b0, int64_t b1) {
-    if (isa == Bf16Isa::Amx) linear_blocks<AmxGemm>(a, b0, b1, k, w, n, bias, out);
-    else linear_blocks<Avx512Bf16Gemm>(a, b0, b1, k, w, n, bias, out);
+    with_bf16_gemm(isa, [&](auto gemm) { linear_blocks<decltype(gemm)>(a, b0, b1, k, w, n, bias, out); });
   });
 #else
   (void)a, (void)rows, (void)k, (void)w, (void)n, (void)bias, (void)out, (void)threads, (void)isa;
