@@ -82,7 +82,8 @@ class ExecutionOptions:
     computes its mean action in one native pass (``polygrad_fast.cpu_actor``: AMX or AVX-512 BF16 for a bf16 copy,
     AVX-512 or AVX2 FMA for an fp32 one) where that measured faster on this CPU (``cpu_actor.fused_actor_pays_off``).
     cpu_fuse_trunk: a bf16 ``ResidualMLPDenoiser`` copy runs its residual trunk as one native pass (AMX or AVX-512
-    BF16, ``polygrad_fast.cpu_residual_mlp``) where that measured faster (``cpu_residual_mlp.fused_trunk_pays_off``). The user's modules are never changed.
+    BF16, ``polygrad_fast.cpu_residual_mlp``) where that measured faster (``cpu_residual_mlp.fused_trunk_pays_off``).
+    The user's modules are never changed.
     """
 
     denoiser_dtype: DtypeChoice = "auto"

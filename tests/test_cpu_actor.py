@@ -4,15 +4,15 @@ Four kernels: 'amx' and 'avx512bf16' (a bf16 actor: AMX tiles, AVX-512 BF16 regi
 both), 'avx512' and 'avx2' (an fp32 actor, FMA register tiles; the AVX2 one runs on AVX-512 machines too, chosen as
 ``_fp32_isa`` would on an AVX2 CPU).
 
-Tolerances, bf16: the kernel and the twin round at the same points (bf16 weights, states and post-ELU
-activations) and differ only in fp32 summation order (tile products vs torch's GEMM), a few fp32 ulps. Such a
-difference can tip one activation's bf16 rounding (one bf16 ulp, 2^-8 relative), which moves the outputs downstream
-of it by up to ~1e-3 (measured: max 1.1e-3 at 2,560 rows, 2.3e-3 at 10,240, 2.8e-3 at hidden 1024; 0.5-2% of
-outputs off by more than 1e-5, mean 1e-6 to 2e-5; AVX-512 BF16 over 5 seeds: 0.5-0.7% at hidden 256, 1.3-6% of
-the 300 outputs at hidden 1024, where each output sits downstream of 2,048 rounded activations). So: every
-|diff| <= 8e-3, at most 10% of outputs beyond 1e-5, mean <= 5e-5. fp32: nothing is rounded, so only summation order (FMA tiles vs torch's GEMM, the row kernel's
-LayerNorm vs torch's) separates them: measured max 1.6e-6 at 2,560 rows, 2.0e-6 at 10,240; bound 2e-5. A wrong
-weight layout, a dropped bias or a wrong eps moves nearly every output by > 1e-3.
+Tolerances, bf16: the kernel and the twin round at the same points (bf16 weights, states and post-ELU activations) and
+differ only in fp32 summation order (tile products vs torch's GEMM), a few fp32 ulps. Such a difference can tip one
+activation's bf16 rounding (one bf16 ulp, 2^-8 relative), which moves the outputs downstream of it by up to ~1e-3
+(measured: max 1.1e-3 at 2,560 rows, 2.3e-3 at 10,240, 2.8e-3 at hidden 1024; 0.5-2% of outputs off by more than 1e-5,
+mean 1e-6 to 2e-5; AVX-512 BF16 over 5 seeds: 0.5-0.7% at hidden 256, 1.3-6% of the 300 outputs at hidden 1024, where
+each output sits downstream of 2,048 rounded activations). So: every |diff| <= 8e-3, at most 10% of outputs beyond
+1e-5, mean <= 5e-5. fp32: nothing is rounded, so only summation order (FMA tiles vs torch's GEMM, the row kernel's
+LayerNorm vs torch's) separates them: measured max 1.6e-6 at 2,560 rows, 2.0e-6 at 10,240; bound 2e-5. A wrong weight
+layout, a dropped bias or a wrong eps moves nearly every output by > 1e-3.
 """
 from __future__ import annotations
 

@@ -2,12 +2,12 @@
 sampler.
 
 Tolerances: the kernel and the twin round at the same points (bf16 weights, input, post-ReLU activations and output)
-and differ only in fp32 summation order (AMX tile or AVX-512 BF16 products vs torch's GEMM, a few fp32 ulps), which can tip a bf16
-rounding of an activation or of the output: one bf16 ulp (2^-8 relative) there, a little more downstream of a
-tipped activation. Measured: at width 1024, 6 blocks, 256 rows, 1.9% of outputs more than 2^-7 (relative, floor
-1e-2) off and the largest difference 0.016 at output scale 5.2; at width 256 0.07%; none at the small widths.
-Bounds: at most 5% of outputs beyond 2^-7 relative, every |diff| <= 1% of the output scale. A wrong weight layout,
-a dropped bias or residual moves most outputs by far more.
+and differ only in fp32 summation order (AMX tile or AVX-512 BF16 products vs torch's GEMM, a few fp32 ulps), which
+can tip a bf16 rounding of an activation or of the output: one bf16 ulp (2^-8 relative) there, a little more
+downstream of a tipped activation. Measured: at width 1024, 6 blocks, 256 rows, 1.9% of outputs more than 2^-7
+(relative, floor 1e-2) off and the largest difference 0.016 at output scale 5.2; at width 256 0.07%; none at the small
+widths. Bounds: at most 5% of outputs beyond 2^-7 relative, every |diff| <= 1% of the output scale. A wrong weight
+layout, a dropped bias or residual moves most outputs by far more.
 """
 from __future__ import annotations
 

@@ -106,7 +106,8 @@ PYBIND11_MODULE(_cpu_ops, m) {
       py::arg("threads"), py::arg("isa"),
       "mean [rows, act_dim] = tanh(MLP(states)) for the actor MLP described in csrc/cpu_ops/actor_mean.hpp; "
       "pointers as integers, all contiguous; isa 'amx' / 'avx512bf16' (bf16 VNNI weights; raises where "
-      "bf16_kernels_isa() does not allow it) or 'avx512' / 'avx2' (fp32 panel weights; raises where the CPU lacks it).");
+      "bf16_kernels_isa() does not allow it) or 'avx512' / 'avx2' (fp32 panel weights; raises where the CPU "
+      "lacks it).");
   m.def("actor_mean_f32_isa", &pgf_ops::actor_mean_f32_isa,
         "The best fp32 actor_mean kernel this CPU runs: 'avx512' (unless PGF_CPU_OPS_NO_AVX512), 'avx2' or ''.");
   m.def("bf16_kernels_isa", &pgf_ops::bf16_kernels_isa,

@@ -1,5 +1,6 @@
 // The MLP denoiser's residual trunk as one fused CPU pass (bf16 GEMMs on AMX tiles or AVX-512 BF16, LayerNorm + ReLU
-// and the residual adds in between). No torch headers: callers pass raw pointers (see bindings.cpp and polygrad_fast/cpu_residual_mlp.py).
+// and the residual adds in between). No torch headers: callers pass raw pointers (see bindings.cpp and
+// polygrad_fast/cpu_residual_mlp.py).
 #pragma once
 
 #include "bf16_kernels.hpp"
